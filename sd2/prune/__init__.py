@@ -1,0 +1,1 @@
+"""Compression: one-shot pruning (sparsegpt, wanda, magnitude), N:M masks, layer pruning."""

@@ -1,0 +1,279 @@
+"""Speculative decoding engine, batch 1: a drafter proposes, the target verifies in one pass.
+
+Greedy: accept drafts while they equal the target's argmax, then emit the target's own token (the bonus).
+Sampling: Leviathan et al. rejection sampling with the residual distribution max(0, p - q), so outputs
+follow the target's distribution exactly. Both KV caches roll back to the accepted prefix.
+Cross-tokenizer drafters (Universal Assisted Generation): the drafter sees the target's text re-encoded
+with its own tokenizer and its drafts are re-encoded with the target tokenizer; the candidates are then
+treated as a point-mass proposal, which keeps sampling exact (accept d with probability p(d)).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Step:
+    drafted: int
+    accepted: int
+
+
+@dataclass
+class DecodeResult:
+    """What one prompt's decoding produced: new token ids (target vocab) and per-step records."""
+
+    tokens: list[int]
+    steps: list[Step] = field(default_factory=list)
+    target_passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mal(self) -> float:
+        return len(self.tokens) / self.target_passes if self.target_passes else 0.0
+
+
+def eos_ids(model, tokenizer=None) -> set[int]:
+    """All ids that end generation: generation_config's eos (may be a list) plus the tokenizer's."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class _Cached:
+    """A model plus its KV cache and the ids the cache holds; forward() feeds only what's new."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.ids: list[int] = []
+        self._recording = False
+
+    def forward(self, ids: list[int], keep: int) -> torch.Tensor:
+        """Feed ids[len(self.ids):] and return logits [keep, V] for the last `keep` positions of `ids`."""
+        new = ids[len(self.ids):]
+        assert new, "forward() needs at least one new token"
+        assert keep <= len(new)
+        inp = torch.tensor([new], dtype=torch.long, device=self.model.device)
+        out = self.model(input_ids=inp, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        self.ids = list(ids)
+        if not self._recording:  # after the prefill, as HF does: lets sliding-window layers roll back
+            self.cache.activate_past_recording()
+            self._recording = True
+        return out.logits[0].float()
+
+    def rollback(self, n_valid: int) -> None:
+        """Keep the first n_valid cached tokens (crop(0) still lets sliding-window layers shrink)."""
+        drop = max(0, len(self.ids) - n_valid)
+        self.cache.crop(-drop)
+        del self.ids[len(self.ids) - drop:]
+
+    def common_prefix(self, ids: list[int]) -> None:
+        """Invalidate everything after the longest common prefix of the cache and `ids`."""
+        n = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            n += 1
+        self.rollback(min(n, len(ids) - 1))
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+class _SameVocabProposer:
+    """Drafter sharing the target's tokenizer: proposes ids directly, with its probabilities when sampling."""
+
+    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None):
+        self.d = _Cached(drafter)
+        self.eos, self.temperature, self.gen = eos, temperature, gen
+
+    def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        if len(self.d.ids) >= len(ids):
+            self.d.rollback(len(ids) - 1)
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        seq = list(ids)
+        for _ in range(n):
+            logits = self.d.forward(seq, keep=1)[-1]
+            if self.temperature > 0:
+                q = _probs(logits, self.temperature)
+                tok = int(torch.multinomial(q, 1, generator=self.gen))
+                qs.append(q)
+            else:
+                tok = int(logits.argmax())
+            drafts.append(tok)
+            seq.append(tok)
+            if tok in self.eos:
+                break
+        return drafts, (qs if self.temperature > 0 else None)
+
+    def accepted(self, ids: list[int]) -> None:
+        self.d.rollback(len(ids))
+
+
+class _CrossVocabProposer:
+    """Drafter with another tokenizer (UAG): text is the common currency between the two vocabularies."""
+
+    def __init__(self, drafter, target_tok, drafter_tok, drafter_prompt: list[int], prompt_len: int,
+                 target_eos: int | None, temperature: float, gen: torch.Generator | None):
+        self.d = _Cached(drafter)
+        self.ttok, self.dtok = target_tok, drafter_tok
+        self.dprompt, self.prompt_len = list(drafter_prompt), prompt_len
+        self.deos = eos_ids(drafter, drafter_tok)
+        self.target_eos = target_eos
+        self.temperature, self.gen = temperature, gen
+        self.drafter_tokens = 0  # drafter tokens of the final text, for the cross-tokenizer cost ratio
+
+    def _drafter_ids(self, ids: list[int]) -> list[int]:
+        text = self.ttok.decode(ids[self.prompt_len:], skip_special_tokens=True)
+        return self.dprompt + (self.dtok.encode(text, add_special_tokens=False) if text else [])
+
+    def propose(self, ids: list[int], n: int) -> tuple[list[int], None]:
+        seq = self._drafter_ids(ids)
+        self.d.common_prefix(seq)
+        drafts: list[int] = []
+        ended = False
+        for _ in range(n):
+            logits = self.d.forward(seq, keep=1)[-1]
+            if self.temperature > 0:
+                tok = int(torch.multinomial(_probs(logits, self.temperature), 1, generator=self.gen))
+            else:
+                tok = int(logits.argmax())
+            if tok in self.deos:
+                ended = True
+                break
+            drafts.append(tok)
+            seq.append(tok)
+        text = self.dtok.decode(drafts, skip_special_tokens=True)
+        cand = self.ttok.encode(text, add_special_tokens=False) if text else []
+        if ended and self.target_eos is not None:
+            cand.append(self.target_eos)
+        return cand[:n], None
+
+    def accepted(self, ids: list[int]) -> None:
+        pass  # re-synchronised by common prefix on the next propose()
+
+
+class SpecDecoder:
+    """Speculative decoding of one prompt at a time.
+
+    `drafter=None` gives plain target-only decoding through the same forward path (the baseline).
+    """
+
+    def __init__(self, target, drafter=None, *, gamma: int = 4, temperature: float = 0.0,
+                 target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False):
+        if gamma < 1:
+            raise ValueError("gamma must be >= 1")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        self.target, self.drafter = target, drafter
+        self.gamma, self.temperature = gamma, temperature
+        self.ttok, self.dtok = target_tokenizer, drafter_tokenizer
+        self.cross = cross_tokenizer
+        if cross_tokenizer and (target_tokenizer is None or drafter_tokenizer is None):
+            raise ValueError("cross-tokenizer decoding needs both tokenizers")
+        self.eos = eos_ids(target, target_tokenizer)
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, *, seed: int = 0,
+                 drafter_prompt: list[int] | None = None) -> DecodeResult:
+        gen = torch.Generator().manual_seed(seed) if self.temperature > 0 else None
+        t0 = time.perf_counter()
+        target = _Cached(self.target)
+        proposer = None
+        if self.drafter is not None:
+            if self.cross:
+                teos = self.ttok.eos_token_id if self.ttok.eos_token_id is not None else next(iter(self.eos), None)
+                proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok,
+                                               drafter_prompt if drafter_prompt is not None else [],
+                                               len(prompt), teos, self.temperature, gen)
+            else:
+                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen)
+        ids = list(prompt)
+        res = DecodeResult(tokens=[])
+        while len(res.tokens) < max_new_tokens:
+            room = max_new_tokens - len(res.tokens)
+            n = min(self.gamma, room - 1)
+            drafts, qs = proposer.propose(ids, n) if (proposer is not None and n > 0) else ([], None)
+            logits = target.forward(ids + drafts, keep=len(drafts) + 1)
+            res.target_passes += 1
+            n_acc, nxt = self._verify(logits, drafts, qs, gen)
+            new = drafts[:n_acc] + [nxt]
+            for i, tok in enumerate(new):
+                if tok in self.eos:
+                    new = new[: i + 1]
+                    break
+            n_acc = len(new) - 1
+            target.rollback(len(ids) + n_acc)
+            ids.extend(new)
+            if proposer is not None:
+                proposer.accepted(ids[:-1])
+                res.steps.append(Step(drafted=len(drafts), accepted=n_acc))
+            res.tokens.extend(new)
+            if new[-1] in self.eos:
+                break
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _verify(self, logits: torch.Tensor, drafts: list[int], qs, gen) -> tuple[int, int]:
+        """Return (number of accepted drafts, next token from the target)."""
+        if self.temperature == 0:
+            choice = logits.argmax(-1).tolist()
+            n = 0
+            while n < len(drafts) and drafts[n] == choice[n]:
+                n += 1
+            return n, choice[n]
+        p = _probs(logits, self.temperature)
+        for i, d in enumerate(drafts):
+            q_d = float(qs[i][d]) if qs is not None else 1.0
+            r = float(torch.rand((), generator=gen))
+            if r < min(1.0, float(p[i, d]) / q_d):
+                continue
+            if qs is not None:
+                resid = torch.clamp(p[i] - qs[i], min=0)
+            else:
+                resid = p[i].clone()
+                resid[d] = 0
+            total = resid.sum()
+            resid = resid / total if total > 0 else p[i]
+            return i, int(torch.multinomial(resid, 1, generator=gen))
+        return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=gen))
+
+
+@torch.inference_mode()
+def hf_assisted_generate(target, drafter, prompt: list[int], *, gamma: int, max_new_tokens: int,
+                         target_tokenizer=None, drafter_tokenizer=None) -> DecodeResult:
+    """HF `generate(assistant_model=...)` with γ fixed (schedule "constant", confidence threshold off), greedy.
+
+    Counts the target's forward calls with a hook, so its MAL is measured the same way as ours.
+    """
+    cfg = drafter.generation_config
+    saved = (cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold)
+    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
+        gamma, "constant", 0.0)
+    calls = [0]
+    hook = target.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        t0 = time.perf_counter()
+        kwargs = {}
+        if target_tokenizer is not None and drafter_tokenizer is not None:
+            kwargs = {"tokenizer": target_tokenizer, "assistant_tokenizer": drafter_tokenizer}
+        inp = torch.tensor([prompt], dtype=torch.long)
+        out = target.generate(inp, attention_mask=torch.ones_like(inp), assistant_model=drafter, do_sample=False,
+                              max_new_tokens=max_new_tokens, **kwargs)
+        secs = time.perf_counter() - t0
+    finally:
+        hook.remove()
+        cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = saved
+    return DecodeResult(tokens=out[0, len(prompt):].tolist(), target_passes=calls[0], seconds=secs)

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from sd2.data import default_prompts_file, encode_prompt, load_prompts, read_prompts, select
+from sd2.errors import UserError
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_formats(tmp_path):
+    f = _write(tmp_path / "mix.jsonl", [
+        {"question_id": 1, "category": "math", "turns": ["first turn", "second turn"]},
+        {"question": "2+2?", "answer": "4\n#### 4"},
+        {"instruction": "Summarize", "context": "Some text.", "response": "Short.", "category": "summarization"},
+        {"instruction": "Say hi", "context": "", "response": "hi", "category": "open_qa"},
+        {"prompt": "plain prompt"},
+    ])
+    ps = read_prompts(f)
+    assert [p.category for p in ps] == ["math", "gsm8k", "summarization", "open_qa", "default"]
+    assert ps[0].text == "first turn"
+    assert ps[1].reference.endswith("#### 4")
+    assert ps[2].text == "Summarize\n\nSome text." and ps[2].reference == "Short."
+    assert ps[3].text == "Say hi"
+
+
+@pytest.mark.parametrize("bad,where", [
+    ('{"prompt": "ok"}\n{not json}\n', ":2:"),
+    ('{"prompt": "ok"}\n{"foo": 1}\n', ":2:"),
+    ('[1, 2]\n', ":1:"),
+    ('{"prompt": "   "}\n', ":1:"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, bad, where):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(bad)
+    with pytest.raises(UserError, match=f"bad.jsonl{where}"):
+        read_prompts(f)
+
+
+def test_empty_and_missing(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no records"):
+        read_prompts(tmp_path / "e.jsonl")
+    with pytest.raises(UserError, match="not found"):
+        read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_spec_bench_selection_round_robin():
+    ps = load_prompts(None, limit=13)
+    assert len({p.category for p in ps}) == 13
+    assert default_prompts_file().name == "spec_bench_questions.jsonl"
+    assert len(load_prompts(None)) == 480
+    qa = load_prompts(None, categories=["qa", "math"], limit=4)
+    assert sorted(p.category for p in qa) == ["math", "math", "qa", "qa"]
+    with pytest.raises(UserError, match="unknown nope"):
+        select(ps, ["nope"])
+
+
+def test_encode_prompt_without_template(tok300):
+    assert encode_prompt(tok300, "the fox") == tok300("the fox")["input_ids"]

@@ -1,0 +1,63 @@
+"""End-to-end on the real packaged SmolLM2-135M-Instruct (converted once per SD2_HOME, then cached)."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from sd2 import models
+from sd2.cli import app
+from sd2.data import encode_prompt, load_prompts
+from sd2.specdec import SpecDecoder
+
+ALIAS = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    m, tok = models.load_model(ALIAS)
+    return m, tok
+
+
+def test_packaged_alias_is_cached_as_safetensors(smol, monkeypatch):
+    m, tok = smol
+    d = models.packaged_dir(ALIAS)
+    assert (d / "model.safetensors").exists() and (d / "config.json").exists()
+    assert m.config.num_hidden_layers == 30 and m.config.hidden_size == 576 and m.config.vocab_size == 49152
+    assert sum(p.numel() for p in m.parameters()) == 134_515_008
+    assert tok.chat_template
+
+    def boom(*a, **k):
+        raise AssertionError("second load touched the GGUF")
+
+    monkeypatch.setattr(models, "_fetch_gguf", boom)
+    monkeypatch.setattr(models, "_convert_gguf", boom)
+    m2, _ = models.load_model(ALIAS)
+    assert m2.config.num_hidden_layers == 30
+
+
+def test_identical_drafter_real_model_mal_gamma_plus_one(smol):
+    m, tok = smol
+    gamma = 4
+    for p in load_prompts(None, limit=2):
+        ids = encode_prompt(tok, p.text)
+        base = SpecDecoder(m, target_tokenizer=tok).generate(ids, 20)
+        res = SpecDecoder(m, m, gamma=gamma, target_tokenizer=tok).generate(ids, 20)
+        assert res.tokens == base.tokens
+        assert res.target_passes == math.ceil(len(res.tokens) / (gamma + 1))
+
+
+def test_layer_pruned_drafter_eval_cli(tmp_path):
+    runner = CliRunner()
+    d = tmp_path / "drafter"
+    r = runner.invoke(app, ["layer-prune", "--model", ALIAS, "--keep-layers", "0-9,29", "--out", str(d)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["eval", "--target", ALIAS, "--drafter", str(d), "--limit", "2", "--max-new-tokens", "16",
+                            "--threads", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["n_prompts"] == 2 and res["lossless"] is True
+    assert 1.0 <= res["mal"] <= 5.0
+    assert 0.3 < res["cost_ratio"] < 0.6  # 11 of 30 layers plus the shared embeddings/lm_head

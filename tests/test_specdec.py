@@ -1,0 +1,119 @@
+import itertools
+
+import pytest
+import torch
+
+from sd2.specdec import SpecDecoder, hf_assisted_generate
+from tests.conftest import make_llama, make_tokenizer, perturbed
+
+PROMPT = [5, 17, 42, 8, 29, 3]
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_identical_drafter_gives_gamma_plus_one(gamma):
+    t = make_llama(128, eos=None)
+    base = SpecDecoder(t).generate(PROMPT, 30)
+    res = SpecDecoder(t, t, gamma=gamma).generate(PROMPT, 30)
+    assert res.tokens == base.tokens
+    full = [s for s in res.steps if s.drafted == gamma]
+    assert full and all(s.accepted == gamma for s in full)
+    # every pass but the last (which may be cut by max_new_tokens) emits γ+1 tokens
+    assert res.target_passes == -(-30 // (gamma + 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_spec_equals_target_only(seed):
+    t = make_llama(96, layers=2, seed=seed, eos=7)
+    d = perturbed(t, 0.5 + 0.3 * seed, seed=seed) if seed % 2 else make_llama(96, layers=1, seed=100 + seed, eos=7)
+    base = SpecDecoder(t).generate(PROMPT, 40)
+    for gamma in (1, 2, 4, 7):
+        res = SpecDecoder(t, d, gamma=gamma).generate(PROMPT, 40)
+        assert res.tokens == base.tokens
+        assert 1.0 <= res.mal <= gamma + 1
+        assert all(0 <= s.accepted <= s.drafted <= gamma for s in res.steps)
+
+
+def test_greedy_matches_hf_generate_and_stops_at_eos():
+    t = make_llama(64, seed=3, eos=11)
+    hf = t.generate(torch.tensor([PROMPT]), max_new_tokens=50, do_sample=False)[0, len(PROMPT):].tolist()
+    ours = SpecDecoder(t, perturbed(t, 1.0), gamma=3).generate(PROMPT, 50).tokens
+    assert ours == hf
+
+
+def test_mal_equals_hf_assisted_generation():
+    t = make_llama(128, layers=2, seed=4, eos=None)
+    d = perturbed(t, 0.8, seed=9)
+    for gamma in (2, 4):
+        ours = SpecDecoder(t, d, gamma=gamma).generate(PROMPT, 48)
+        hf = hf_assisted_generate(t, d, PROMPT, gamma=gamma, max_new_tokens=48)
+        assert hf.tokens == ours.tokens
+        assert hf.target_passes == ours.target_passes
+        assert ours.mal == pytest.approx(hf.mal)
+        assert 1.0 < ours.mal < gamma + 1  # partial agreement: the check is not trivial
+
+
+def _exact_two_token_dist(t, prompt, temperature):
+    with torch.no_grad():
+        p1 = torch.softmax(t(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        dist = {}
+        for a in range(p1.numel()):
+            p2 = torch.softmax(t(torch.tensor([prompt + [a]])).logits[0, -1] / temperature, -1)
+            for b in range(p2.numel()):
+                dist[(a, b)] = float(p1[a] * p2[b])
+    return dist
+
+
+def _tv(emp: dict, exact: dict, n: int) -> float:
+    keys = set(emp) | set(exact)
+    return 0.5 * sum(abs(emp.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
+
+
+def test_sampling_follows_target_distribution():
+    V, T, N = 6, 1.0, 3000
+    t = make_llama(V, seed=5, eos=None, hidden=16, std=0.6)
+    d = make_llama(V, seed=6, eos=None, hidden=16, std=0.6)
+    exact = _exact_two_token_dist(t, [1, 2, 3], T)
+    drafter_dist = _exact_two_token_dist(d, [1, 2, 3], T)
+    spec = SpecDecoder(t, d, gamma=3, temperature=T)
+    emp: dict = {}
+    for s in range(N):
+        toks = tuple(spec.generate([1, 2, 3], 2, seed=s).tokens)
+        emp[toks] = emp.get(toks, 0) + 1
+    tv_spec = _tv(emp, exact, N)
+    tv_drafter = 0.5 * sum(abs(drafter_dist[k] - exact[k]) for k in exact)
+    assert tv_drafter > 0.2, "drafter must differ from the target for the test to mean something"
+    assert tv_spec < 0.06, f"speculative samples deviate from the target: TV={tv_spec:.3f}"
+
+
+def test_uag_cross_tokenizer_is_lossless(tok300, tok400):
+    t = make_llama(len(tok300), seed=7, eos=tok300.eos_token_id)
+    d = make_llama(len(tok400), seed=8, eos=tok400.eos_token_id)
+    text = "the quick brown fox"
+    p_t = tok300(text)["input_ids"]
+    p_d = tok400(text)["input_ids"]
+    assert p_t != p_d
+    base = SpecDecoder(t).generate(p_t, 30)
+    for gamma in (1, 3, 5):
+        res = SpecDecoder(t, d, gamma=gamma, target_tokenizer=tok300, drafter_tokenizer=tok400,
+                          cross_tokenizer=True).generate(p_t, 30, drafter_prompt=p_d)
+        assert res.tokens == base.tokens
+        assert res.target_passes >= 1
+
+
+def test_uag_with_self_consistent_drafter_accepts(tok300):
+    """A cross-tokenizer drafter that is the target (same tokenizer object on both sides) reaches MAL > 1."""
+    t = make_llama(len(tok300), seed=7, eos=None)
+    p = tok300("speculative decoding drafts")["input_ids"]
+    base = SpecDecoder(t).generate(p, 24)
+    res = SpecDecoder(t, t, gamma=4, target_tokenizer=tok300, drafter_tokenizer=tok300,
+                      cross_tokenizer=True).generate(p, 24, drafter_prompt=p)
+    assert res.tokens == base.tokens
+    assert res.mal > 1.5
+
+
+def test_invalid_parameters():
+    t = make_llama(32)
+    with pytest.raises(ValueError):
+        SpecDecoder(t, t, gamma=0)
+    with pytest.raises(ValueError):
+        SpecDecoder(t, t, temperature=-1)
