@@ -52,6 +52,7 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, help="torch threads (pin for comparable timings)"),
     uag: bool = typer.Option(False, help="allow a drafter with another tokenizer"),
     context: int = typer.Option(256, help="context length for attention MACs"),
+    fast_path: str = typer.Option("none", help="CPU numeric path: none | drafter-fp16 | fp16 (both models)"),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights"),
     trust_remote_code: bool = typer.Option(False),
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),
@@ -63,7 +64,7 @@ def eval_cmd(
 
     cfg = EvalConfig.build(target=target, drafter=drafter, prompts=prompts, categories=categories, limit=limit,
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                           threads=threads, uag=uag, context=context,
+                           threads=threads, uag=uag, context=context, fast_path=fast_path,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")
@@ -73,6 +74,79 @@ def eval_cmd(
         df.to_csv(out.with_suffix(".records.csv"), index=False)
     typer.echo(eval_table(res))
     typer.echo(f"wrote {out}")
+
+
+@app.command("distill")
+@_cli
+def distill_cmd(
+    prompts: str = typer.Option(..., help="seed JSONL file or HF dataset id"),
+    out: Path = typer.Option(..., help="output dataset dir (datasets.load_from_disk)"),
+    target: str = typer.Option("smollm2-135m-instruct", help="target model SPEC"),
+    mode: str = typer.Option("regenerate", help="regenerate | rewrite | reference (seed answers, no generation)"),
+    limit: Optional[int] = typer.Option(None, help="number of seed records"),
+    max_new_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(8),
+    shard_size: int = typer.Option(64, help="prompts per resumable shard"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+    allow_pickle: bool = typer.Option(False),
+    trust_remote_code: bool = typer.Option(False),
+):
+    """Self-data distillation: the target answers the seed prompts itself. Re-run the same command to resume."""
+    from sd2.config import DistillConfig, ModelLoadOptions
+    from sd2.distill import distill
+
+    cfg = DistillConfig.build(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
+                              temperature=temperature, seed=seed, threads=threads, overwrite=overwrite,
+                              load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    path = distill(cfg)
+    manifest = json.loads((path / "sd2_manifest.json").read_text())
+    typer.echo(f"wrote {path}: {json.dumps(manifest['counts'])}")
+
+
+@app.command("train")
+@_cli
+def train_cmd(
+    init: str = typer.Option(..., help="drafter to start from (model SPEC); its zeros are kept"),
+    data: Path = typer.Option(..., help="dataset dir from `sd2 distill`"),
+    out: Path = typer.Option(..., help="output model dir"),
+    max_steps: int = typer.Option(200),
+    lr: float = typer.Option(1e-4),
+    batch_size: int = typer.Option(8),
+    grad_accum: int = typer.Option(1),
+    seq_len: int = typer.Option(512),
+    warmup_ratio: float = typer.Option(0.05),
+    weight_decay: float = typer.Option(0.0),
+    packing: bool = typer.Option(False, help="pack examples into seq-len blocks"),
+    loss: str = typer.Option("sft", help="sft | kd (distill the target's logits)"),
+    kd_target: Optional[str] = typer.Option(None, help="teacher for --loss kd (default: the data's target)"),
+    kd_divergence: str = typer.Option("fkl", help="fkl | tv"),
+    save_steps: int = typer.Option(100, help="checkpoint every N steps"),
+    resume: bool = typer.Option(False, help="continue from the last checkpoint of an unfinished run"),
+    deepspeed: Optional[Path] = typer.Option(None, help="DeepSpeed config, e.g. infra/deepspeed/zero2.json"),
+    num_gpus: int = typer.Option(1, help="ranks to launch (>1: torchrun subprocess)"),
+    cpu_fallback: bool = typer.Option(False, help="with fewer GPUs than --num-gpus, use CPU ranks (gloo)"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+):
+    """Fine-tune a drafter on distilled data (DeepSpeed ZeRO when configured); sparsity masks are kept exactly."""
+    from sd2.config import TrainConfig
+    from sd2.train import train
+
+    cfg = TrainConfig.build(init=init, data=data, out=out, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                            grad_accum=grad_accum, seq_len=seq_len, warmup_ratio=warmup_ratio,
+                            weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
+                            kd_divergence=kd_divergence, save_steps=save_steps, resume=resume, deepspeed=deepspeed,
+                            num_gpus=num_gpus, cpu_fallback=cpu_fallback, seed=seed, threads=threads,
+                            overwrite=overwrite)
+    path = train(cfg)
+    info = json.loads((path / "sd2_train.json").read_text())
+    typer.echo(f"wrote {path}: {info['global_step']} steps, train loss {info['train_loss']:.4f}, "
+               f"{info['train_tokens_per_s'] or 0:.0f} tokens/s")
 
 
 @app.command("macs")

@@ -3,6 +3,7 @@ the summary of DESIGN §2 (overall and per category)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.errors import UserError
+from sd2.fastpath import pack_fp16
 from sd2.models import load_model, same_tokenizer
 from sd2.specdec import DecodeResult, SpecDecoder
 
@@ -40,13 +42,24 @@ def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_toke
 def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt], *, gamma: int = 4,
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, uag: bool = False,
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
-                  ) -> tuple[dict, pd.DataFrame]:
-    """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records)."""
+                  fast_path: str = "none") -> tuple[dict, pd.DataFrame]:
+    """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
+
+    `fast_path` packs linear layers in place (see sd2.fastpath); MACs are counted before that.
+    """
     if not prompts:
         raise UserError("no prompts to evaluate")
     cross = not same_tokenizer(target_tok, drafter_tok)
     if cross and not uag:
         raise UserError("--drafter: its tokenizer differs from the target's; pass --uag for cross-tokenizer drafting")
+    tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
+    dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
+    if fast_path != "none":
+        if drafter is target:
+            drafter = copy.deepcopy(drafter)
+        pack_fp16(drafter)
+        if fast_path == "fp16":
+            pack_fp16(target)
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
                        drafter_tokenizer=drafter_tok, cross_tokenizer=cross)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
@@ -82,8 +95,6 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         rows.append(row)
     df = pd.DataFrame(rows)
 
-    tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
-    dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
     per_tok = (df["drafter_tokens"].sum() / max(df["spec_tokens"].sum(), 1)) if cross else 1.0
     c = _cost_ratio(tmacs, dmacs, per_tok)
     summary = _summarize(base_res, spec_res, df, gamma)
@@ -98,6 +109,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         "cost_ratio": c, "theoretical_speedup": metrics.theoretical_speedup(summary["mal"], gamma, c),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
         "per_category": {},
+        "numeric_path": {"none": "fp32", "drafter-fp16": "fp32 target, fp16-packed drafter",
+                         "fp16": "fp16-packed target and drafter"}[fast_path],
     }
     for cat, sub in df.groupby("category", sort=True):
         idx = list(sub.index)
@@ -124,7 +137,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
         return evaluate_pair(target, ttok, drafter, dtok, prompts, gamma=cfg.gamma,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                              uag=cfg.uag, context=cfg.context, progress=progress,
-                             names=(cfg.target, cfg.drafter))
+                             names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path)
 
 
 def _finite(obj):

@@ -239,3 +239,16 @@ def same_tokenizer(a, b) -> bool:
     if a is b:
         return True
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def model_digest(spec: str) -> str:
+    """Content digest of a model: sha256 over its config and weight files (hub ids: the id itself)."""
+    loc = Path(resolve_spec(spec, allow_pickle=True))
+    if not loc.is_dir():
+        return hashlib.sha256(str(spec).encode()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(loc.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name in ("config.json", "tokenizer.json")):
+            h.update(f.name.encode())
+            h.update(_sha256(f).encode())
+    return h.hexdigest()

@@ -78,3 +78,24 @@ def sd2_home(tmp_path, monkeypatch) -> Path:
 def real_home() -> Path:
     """SD2_HOME for the real packaged models: shared by the whole session so conversion happens once."""
     return Path(os.environ.get("SD2_HOME", Path.home() / ".cache" / "sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tok300) -> Path:
+    """A tiny Llama saved as a plain HF dir with its tokenizer (the 'target' of unit tests)."""
+    from sd2.models import save_model
+
+    d = tmp_path_factory.mktemp("tinymodel") / "model"
+    save_model(make_llama(len(tok300), layers=2, seed=1, eos=tok300.eos_token_id, hidden=64), tok300, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def seed_file(tmp_path_factory) -> Path:
+    import json
+
+    f = tmp_path_factory.mktemp("seeds") / "seeds.jsonl"
+    rows = [{"instruction": f"describe the fox number {i}", "context": "", "category": "open_qa",
+             "response": f"the quick brown fox {i} jumps over the lazy dog."} for i in range(10)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f

@@ -15,7 +15,7 @@ runner = CliRunner()
 EVAL_KEYS = {"target", "drafter", "gamma", "temperature", "max_new_tokens", "n_prompts", "mal", "mal_ci95",
              "acceptance_rate", "per_position_acceptance", "target_tokens_per_s", "spec_tokens_per_s", "speedup",
              "target_macs_per_token", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup", "lossless",
-             "per_category"}
+             "per_category", "numeric_path"}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,13 @@ def test_layer_prune_and_macs(tiny, tmp_path):
     assert code == 0, text
     res = json.loads(text)
     assert res["macs_per_token"] == res["linear_macs"] + res["attention_macs"]
+
+
+def test_eval_fast_path(tiny, tmp_path):
+    out = tmp_path / "f.json"
+    code, text = _run(*_eval_args(tiny, out, "--fast-path", "drafter-fp16", "--limit", 2))
+    assert code == 0, text
+    res = json.loads(out.read_text())
+    assert res["lossless"] is True and "fp16" in res["numeric_path"]
+    code, text = _run(*_eval_args(tiny, tmp_path / "g.json", "--fast-path", "int3"))
+    assert code == 2 and "fast-path" in text and not (tmp_path / "g.json").exists()

@@ -1,0 +1,205 @@
+"""Self-data distillation: the target regenerates (or rewrites, guided by the reference) seed responses,
+so the drafter is trained on the target's own distribution.
+
+Work in progress lives in `<out>.partial/` as JSONL shards written atomically; re-running the same
+command resumes from the shards already there. The finished dataset is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sd2.config import DistillConfig
+from sd2.data import Prompt, encode_prompt, file_digest, load_prompts
+from sd2.errors import UserError
+from sd2.evaluate import torch_threads, write_json
+from sd2.models import check_output_dir, load_model, model_digest
+
+log = logging.getLogger(__name__)
+
+REWRITE_TEMPLATE = (
+    "{prompt}\n\n---\nA reference answer to the request above:\n{reference}\n---\n\n"
+    "Using the reference answer as a guide, respond to the request in your own words."
+)
+COLUMNS = ("prompt", "response", "source_id")
+
+
+def request_text(p: Prompt, mode: str) -> str:
+    """What the target is shown. The stored training prompt is always p.text (never the reference)."""
+    if mode == "rewrite":
+        return REWRITE_TEMPLATE.format(prompt=p.text, reference=(p.reference or "").strip())
+    return p.text
+
+
+def is_degenerate(token_ids: list[int], n: int = 4, min_ngrams: int = 24, max_repeat_share: float = 0.5) -> bool:
+    """Degenerate repetition: most of the n-grams of a long response are repeats of earlier ones."""
+    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    if len(grams) < min_ngrams:
+        return False
+    return 1 - len(set(grams)) / len(grams) > max_repeat_share
+
+
+@torch.inference_mode()
+def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temperature: float, seed: int
+                   ) -> list[tuple[str, list[int], bool]]:
+    """Left-padded batched generation with KV cache; returns (text, token ids, truncated) per request."""
+    encoded = [encode_prompt(tok, r) for r in requests]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    torch.manual_seed(seed)
+    kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         **kwargs)
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id]) | {tok.eos_token_id}
+    results = []
+    for row in out[:, width:].tolist():
+        toks, ended = [], False
+        for t in row:
+            if t in eos:
+                ended = True
+                break
+            toks.append(t)
+        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, not ended and len(row) >= max_new_tokens))
+    return results
+
+
+def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
+    return {"target": cfg.target, "target_digest": target_digest, "prompts": str(cfg.prompts),
+            "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
+            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+            "temperature": cfg.temperature, "seed": cfg.seed}
+
+
+def distill(cfg: DistillConfig, progress: bool = True) -> Path:
+    """Run (or resume) self-data distillation; returns the finished dataset dir."""
+    import datasets
+
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.overwrite)
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit)
+    if cfg.mode in ("rewrite", "reference"):
+        missing = [p.id for p in prompts if not p.reference]
+        if missing:
+            raise UserError(f"--mode {cfg.mode}: {len(missing)} seed record(s) have no reference answer "
+                            f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
+    seed_path = Path(str(cfg.prompts))
+    seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
+    model = tok = None
+    if cfg.mode == "reference":
+        target_digest = "none (reference answers, no generation)"
+    else:
+        model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle,
+                                trust_remote_code=cfg.load.trust_remote_code)
+        if tok is None:
+            raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
+        target_digest = model_digest(cfg.target)
+    key = _run_key(cfg, target_digest, seed_digest)
+
+    work = out.with_name(out.name + ".partial")
+    shards = work / "shards"
+    state = work / "run.json"
+    if work.exists():
+        prev = json.loads(state.read_text()) if state.exists() else None
+        if prev != key:
+            raise UserError(f"{work}: holds an unfinished distillation with other arguments; "
+                            "re-run with the same arguments to resume, or delete it")
+        log.info("resuming from %s (%d shard(s) done)", work, len(list(shards.glob("*.jsonl"))))
+    shards.mkdir(parents=True, exist_ok=True)
+    write_json(key, state)
+
+    t0 = time.perf_counter()
+    gen_tokens = 0
+    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
+    bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
+    with torch_threads(cfg.threads):
+        for s in range(n_shards):
+            shard_file = shards / f"shard-{s:05d}.jsonl"
+            chunk = prompts[s * cfg.shard_size:(s + 1) * cfg.shard_size]
+            if shard_file.exists():
+                bar.update(len(chunk))
+                continue
+            rows = []
+            for b in range(0, len(chunk), cfg.batch_size):
+                batch = chunk[b:b + cfg.batch_size]
+                if cfg.mode == "reference":
+                    gens = [(p.reference.strip(), [], False) for p in batch]
+                else:
+                    gens = generate_batch(model, tok, [request_text(p, cfg.mode) for p in batch],
+                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          seed=cfg.seed + s * 100_003 + b)
+                for p, (text, toks, truncated) in zip(batch, gens):
+                    gen_tokens += len(toks)
+                    rows.append({"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
+                                 "truncated": truncated, "degenerate": is_degenerate(toks)})
+                bar.update(len(batch))
+            tmp = shard_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, shard_file)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    rows = [json.loads(line) for f in sorted(shards.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+    kept, seen = [], set()
+    counts = {"seed_records": len(prompts), "empty": 0, "degenerate": 0, "duplicate": 0, "truncated_kept": 0}
+    for r in rows:
+        if not r["response"]:
+            counts["empty"] += 1
+            continue
+        if r["degenerate"]:
+            counts["degenerate"] += 1
+            continue
+        k = (r["prompt"], r["response"])
+        if k in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(k)
+        counts["truncated_kept"] += int(r["truncated"])
+        kept.append({c: r[c] for c in (*COLUMNS, "category", "truncated")})
+    if not kept:
+        raise UserError(f"distillation produced no usable responses ({counts}); check the target and prompts")
+    counts["kept"] = len(kept)
+    manifest = {**key, "counts": counts, "generated_tokens": gen_tokens,
+                "generation_seconds_this_run": round(seconds, 2), "columns": list(COLUMNS) + ["category", "truncated"]}
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
+    write_json(manifest, tmp / "sd2_manifest.json")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    shutil.rmtree(work)
+    return out
+
+
+def load_distilled(path: str | Path):
+    """Load a distilled dataset dir, checking the columns training needs."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--data {path}: not a directory (expected the output of `sd2 distill`)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--data {path}: not a datasets dir ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("prompt", "response") if c not in ds.column_names]
+    if missing:
+        raise UserError(f"--data {path}: missing column(s) {', '.join(missing)}; expected prompt, response")
+    if len(ds) == 0:
+        raise UserError(f"--data {path}: dataset is empty")
+    return ds
