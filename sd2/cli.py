@@ -170,26 +170,95 @@ def macs_cmd(
     typer.echo(json.dumps(res, indent=2))
 
 
+@app.command("prune")
+@_cli
+def prune_cmd(
+    model: str = typer.Option(..., help="model SPEC to prune"),
+    method: str = typer.Option(..., help="sparsegpt | wanda | magnitude"),
+    out: Path = typer.Option(..., help="output model dir (+ sparsity.json)"),
+    sparsity: Optional[float] = typer.Option(None, help="share of weights to zero, in [0, 1) (implied by N:M)"),
+    pattern: str = typer.Option("unstructured", help="unstructured | N:M such as 2:4"),
+    calib: Optional[Path] = typer.Option(None, help="distilled dataset dir or prompts JSONL (sparsegpt, wanda)"),
+    calib_samples: int = typer.Option(32, help="calibration samples"),
+    seq_len: int = typer.Option(256, help="tokens per calibration sample"),
+    layer_filter: str = typer.Option(r"(self_attn|mlp)\.\w+_proj$", "--filter", help="regex on decoder linear names"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+):
+    """One-shot pruning of the decoder's linear layers; writes zeros in place (plain safetensors)."""
+    from sd2.evaluate import torch_threads
+    from sd2.models import check_output_dir, load_model, save_model
+    from sd2.prune import prune_model, validate
+    from sd2.prune.calib import calibration_ids
+    from sd2.prune.masks import check_sparsity, parse_pattern, sparsity_report
+
+    nm = parse_pattern(pattern)
+    if sparsity is None:
+        if nm is None:
+            raise UserError("--sparsity: required for unstructured pruning")
+        sparsity = 1 - nm[0] / nm[1]
+    check_sparsity(sparsity)
+    if calib_samples < 1:
+        raise UserError("--calib-samples: must be >= 1")
+    check_output_dir(out, overwrite)
+    m, tok = load_model(model)
+    validate(m, method, sparsity, pattern, layer_filter)
+    samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if method != "magnitude" else None
+    with torch_threads(threads):
+        info = prune_model(m, method, sparsity, pattern, samples, layer_filter)
+    report = sparsity_report(m, layer_filter)
+    meta = {"source": model, "method": method, "pattern": pattern, "requested_sparsity": sparsity,
+            "calib": str(calib) if calib else None, "calib_samples": calib_samples if samples else 0,
+            "seconds": round(info["seconds"], 2), **report}
+    save_model(m, tok, out, overwrite=overwrite, extra_files={"sparsity.json": json.dumps(meta, indent=2)})
+    typer.echo(f"{method} {pattern} → sparsity {report['sparsity']:.4f} over {len(report['layers'])} layers "
+               f"in {info['seconds']:.1f}s → {out}")
+
+
 @app.command("layer-prune")
 @_cli
 def layer_prune_cmd(
     model: str = typer.Option(..., help="model SPEC"),
     out: Path = typer.Option(..., help="output model dir"),
-    keep_layers: str = typer.Option(..., help="layers to keep, e.g. '0-9,29'"),
+    keep_layers: Optional[str] = typer.Option(None, help="layers to keep, e.g. '0-9,29'"),
+    num_layers: Optional[int] = typer.Option(None, help="layers the pruned model keeps"),
+    strategy: str = typer.Option("angular", help="angular (drop the most redundant block) | first"),
+    match_macs: Optional[str] = typer.Option(None, help="pick --num-layers so MACs/token match this model"),
+    calib: Optional[Path] = typer.Option(None, help="distilled dataset dir or prompts JSONL (angular)"),
+    calib_samples: int = typer.Option(16),
+    seq_len: int = typer.Option(256),
+    context: int = typer.Option(256, help="context length for --match-macs MACs"),
+    seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
 ):
-    """Drop decoder layers, keeping an explicit list."""
+    """Drop decoder layers: an explicit list, or K layers chosen by strategy (optionally K matched on MACs)."""
+    from sd2.metrics import macs_per_token
     from sd2.models import check_output_dir, load_model, save_model
-    from sd2.prune.layers import keep_layers as do_keep
-    from sd2.prune.layers import parse_layer_list
+    from sd2.prune.calib import calibration_ids
+    from sd2.prune.layers import choose_layers, keep_layers as do_keep, layers_for_macs, parse_layer_list
 
+    given = [x is not None for x in (keep_layers, num_layers, match_macs)]
+    if sum(given) != 1:
+        raise UserError("give exactly one of --keep-layers, --num-layers, --match-macs")
     check_output_dir(out, overwrite)
     m, tok = load_model(model)
-    keep = parse_layer_list(keep_layers, m.config.num_hidden_layers)
+    info: dict = {"source": model}
+    if keep_layers is not None:
+        keep = parse_layer_list(keep_layers, m.config.num_hidden_layers)
+    else:
+        if match_macs is not None:
+            ref, _ = load_model(match_macs, with_tokenizer=False)
+            ref_macs = macs_per_token(ref, context)["macs_per_token"]
+            num_layers = layers_for_macs(m, ref_macs, context)
+            info.update(match_macs=match_macs, reference_macs_per_token=ref_macs)
+        samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if strategy == "angular" else None
+        keep = choose_layers(m, num_layers, strategy, samples)
+        info["strategy"] = strategy
     pruned = do_keep(m, keep)
-    meta = json.dumps({"source": model, "kept_layers": keep}, indent=2)
-    save_model(pruned, tok, out, overwrite=overwrite, extra_files={"sd2_layers.json": meta})
-    typer.echo(f"kept {len(keep)} of {m.config.num_hidden_layers} layers → {out}")
+    info.update(kept_layers=keep, macs_per_token=macs_per_token(pruned, context)["macs_per_token"])
+    save_model(pruned, tok, out, overwrite=overwrite, extra_files={"sd2_layers.json": json.dumps(info, indent=2)})
+    typer.echo(f"kept {len(keep)} of {m.config.num_hidden_layers} layers {keep} → {out}")
 
 
 @app.command("demo")

@@ -63,3 +63,70 @@ def keep_layers(model, keep: list[int]):
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
     return new.eval()
+
+
+def layer_block_distances(model, samples: list[list[int]], n_drop: int) -> list[float]:
+    """Mean angular distance arccos(cos(h_l, h_{l+n}))/π between the input of layer l and the output of layer
+    l+n−1, over all calibration tokens, for every start l (Gromov et al., 2024)."""
+    import torch
+
+    from sd2.prune.calib import decoder_layers
+
+    layers = decoder_layers(model)
+    L = len(layers)
+    sums = [0.0] * (L - n_drop + 1)
+    count = 0
+    states: list = []
+    hooks = [layers[0].register_forward_pre_hook(
+        lambda m, a, kw: states.append((a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)]
+    for layer in layers:
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, out: states.append((out[0] if isinstance(out, tuple) else out).detach())))
+    try:
+        with torch.no_grad():
+            for ids in samples:
+                states.clear()
+                model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
+                hs = [s[0].float() for s in states]  # L+1 tensors [T, d]
+                for start in range(L - n_drop + 1):
+                    a, b = hs[start], hs[start + n_drop]
+                    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
+                    sums[start] += float(torch.arccos(cos).sum() / torch.pi)
+                count += hs[0].shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [s / count for s in sums]
+
+
+def choose_layers(model, num_layers: int, strategy: str, samples: list[list[int]] | None = None) -> list[int]:
+    """Indices to keep so that `num_layers` remain. `first`: the first num_layers−1 layers and the last one.
+    `angular`: drop the contiguous block whose input and output are closest in angle."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    L = cfg.num_hidden_layers
+    if not 1 <= num_layers < L:
+        raise UserError(f"--num-layers {num_layers}: must be between 1 and {L - 1} (the model has {L} layers)")
+    if strategy == "first":
+        return list(range(num_layers - 1)) + [L - 1] if num_layers > 1 else [L - 1]
+    if strategy == "angular":
+        if not samples:
+            raise UserError("--strategy angular: needs --calib (a distilled dataset dir or prompts file)")
+        n_drop = L - num_layers
+        d = layer_block_distances(model, samples, n_drop)
+        start = min(range(len(d)), key=d.__getitem__)
+        return [i for i in range(L) if not start <= i < start + n_drop]
+    raise UserError(f"--strategy {strategy!r}: use angular or first")
+
+
+def layers_for_macs(model, target_macs: float, context: int = 256) -> int:
+    """The number of kept layers whose MACs per token come closest to `target_macs` (layers are uniform)."""
+    from sd2.metrics import macs_per_token
+
+    cfg = getattr(model.config, "text_config", None) or model.config
+    L = cfg.num_hidden_layers
+    full = macs_per_token(model, context)["macs_per_token"]
+    one = macs_per_token(keep_layers(model, [0]), context)["macs_per_token"]
+    per_layer = (full - one) / (L - 1)
+    base = one - per_layer
+    best = min(range(1, L), key=lambda k: abs(base + k * per_layer - target_macs))
+    return best
