@@ -1,0 +1,1 @@
+"""Prefect flows: the SD² pipeline and its stages (see flows/pipeline.py)."""

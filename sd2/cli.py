@@ -187,33 +187,13 @@ def prune_cmd(
     overwrite: bool = typer.Option(False),
 ):
     """One-shot pruning of the decoder's linear layers; writes zeros in place (plain safetensors)."""
-    from sd2.evaluate import torch_threads
-    from sd2.models import check_output_dir, load_model, save_model
-    from sd2.prune import prune_model, validate
-    from sd2.prune.calib import calibration_ids
-    from sd2.prune.masks import check_sparsity, parse_pattern, sparsity_report
+    from sd2.prune import prune_to_dir
 
-    nm = parse_pattern(pattern)
-    if sparsity is None:
-        if nm is None:
-            raise UserError("--sparsity: required for unstructured pruning")
-        sparsity = 1 - nm[0] / nm[1]
-    check_sparsity(sparsity)
-    if calib_samples < 1:
-        raise UserError("--calib-samples: must be >= 1")
-    check_output_dir(out, overwrite)
-    m, tok = load_model(model)
-    validate(m, method, sparsity, pattern, layer_filter)
-    samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if method != "magnitude" else None
-    with torch_threads(threads):
-        info = prune_model(m, method, sparsity, pattern, samples, layer_filter)
-    report = sparsity_report(m, layer_filter)
-    meta = {"source": model, "method": method, "pattern": pattern, "requested_sparsity": sparsity,
-            "calib": str(calib) if calib else None, "calib_samples": calib_samples if samples else 0,
-            "seconds": round(info["seconds"], 2), **report}
-    save_model(m, tok, out, overwrite=overwrite, extra_files={"sparsity.json": json.dumps(meta, indent=2)})
-    typer.echo(f"{method} {pattern} → sparsity {report['sparsity']:.4f} over {len(report['layers'])} layers "
-               f"in {info['seconds']:.1f}s → {out}")
+    meta = prune_to_dir(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
+                        calib_samples=calib_samples, seq_len=seq_len, layer_filter=layer_filter, seed=seed,
+                        threads=threads, overwrite=overwrite)
+    typer.echo(f"{method} {pattern} → sparsity {meta['sparsity']:.4f} over {len(meta['layers'])} layers "
+               f"in {meta['seconds']:.1f}s → {out}")
 
 
 @app.command("layer-prune")
@@ -233,61 +213,209 @@ def layer_prune_cmd(
     overwrite: bool = typer.Option(False),
 ):
     """Drop decoder layers: an explicit list, or K layers chosen by strategy (optionally K matched on MACs)."""
-    from sd2.metrics import macs_per_token
-    from sd2.models import check_output_dir, load_model, save_model
-    from sd2.prune.calib import calibration_ids
-    from sd2.prune.layers import choose_layers, keep_layers as do_keep, layers_for_macs, parse_layer_list
+    from sd2.prune.layers import layer_prune_to_dir
 
-    given = [x is not None for x in (keep_layers, num_layers, match_macs)]
-    if sum(given) != 1:
-        raise UserError("give exactly one of --keep-layers, --num-layers, --match-macs")
-    check_output_dir(out, overwrite)
-    m, tok = load_model(model)
-    info: dict = {"source": model}
-    if keep_layers is not None:
-        keep = parse_layer_list(keep_layers, m.config.num_hidden_layers)
+    info = layer_prune_to_dir(model, out, keep_layers=keep_layers, num_layers=num_layers, strategy=strategy,
+                              match_macs=match_macs, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
+                              context=context, seed=seed, overwrite=overwrite)
+    typer.echo(f"kept {len(info['kept_layers'])} of {info['source_layers']} layers {info['kept_layers']} → {out}")
+
+
+def _orchestration_env() -> None:
+    """Defaults for the embedded mode (no PREFECT_API_URL): a patient ephemeral-API start-up, Prefect results
+    beside sd2's own artifacts, and the servers of a running `sd2 ui` when there is one."""
+    import os
+
+    from sd2.models import sd2_home
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(sd2_home() / "prefect-results"))
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    ui = _ui_state_file()
+    if ui.exists():
+        state = json.loads(ui.read_text())
+        if _alive(state.get("pids", [])):
+            os.environ.setdefault("PREFECT_API_URL", state["prefect_api_url"])
+            os.environ.setdefault("MLFLOW_TRACKING_URI", state["mlflow_url"])
+
+
+def _ui_state_file() -> Path:
+    from sd2.tracking import RUNS_DIR
+
+    return Path(RUNS_DIR) / "ui.json"
+
+
+def _alive(pids: list[int]) -> bool:
+    import os
+
+    try:
+        for pid in pids:
+            os.kill(pid, 0)
+        return bool(pids)
+    except OSError:
+        return False
+
+
+def _print_compare(parent: str | None = None, experiment: str | None = None, fmt: str = "table") -> None:
+    from sd2.tracking import compare
+
+    df = compare(experiment, parent)
+    cols = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
+            "cost_ratio", "theoretical_speedup", "speedup", "lossless", "run_id"]
+    view = df[[c for c in cols if c in df.columns]]
+    if fmt == "csv":
+        typer.echo(view.to_csv(index=False).rstrip())
+    elif fmt == "json":
+        typer.echo(view.to_json(orient="records", indent=2))
+    elif fmt == "table":
+        typer.echo(view.to_string(index=False, float_format=lambda v: f"{v:.3f}" if abs(v) < 1e5 else f"{v:.3g}"))
     else:
-        if match_macs is not None:
-            ref, _ = load_model(match_macs, with_tokenizer=False)
-            ref_macs = macs_per_token(ref, context)["macs_per_token"]
-            num_layers = layers_for_macs(m, ref_macs, context)
-            info.update(match_macs=match_macs, reference_macs_per_token=ref_macs)
-        samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if strategy == "angular" else None
-        keep = choose_layers(m, num_layers, strategy, samples)
-        info["strategy"] = strategy
-    pruned = do_keep(m, keep)
-    info.update(kept_layers=keep, macs_per_token=macs_per_token(pruned, context)["macs_per_token"])
-    save_model(pruned, tok, out, overwrite=overwrite, extra_files={"sd2_layers.json": json.dumps(info, indent=2)})
-    typer.echo(f"kept {len(keep)} of {m.config.num_hidden_layers} layers {keep} → {out}")
+        raise UserError(f"--format {fmt!r}: use table, csv or json")
+
+
+def _run_pipeline(cfg) -> None:
+    import time
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+
+    t0 = time.perf_counter()
+    sd2_pipeline(cfg)
+    typer.echo(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; drafters (best theoretical speedup first):")
+    _print_compare(experiment=tracking.experiment_name(cfg.target))
+    uri = tracking.tracking_uri()
+    typer.echo(f"\nbrowse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (or `sd2 ui` for both servers)"
+               if not uri.startswith("http") else f"\nbrowse: {uri}")
 
 
 @app.command("demo")
 @_cli
 def demo_cmd(
-    limit: int = typer.Option(6, help="Spec-Bench prompts (one per category in turn)"),
-    max_new_tokens: int = typer.Option(48),
-    gamma: int = typer.Option(4),
-    threads: int = typer.Option(1, help="torch threads"),
-    out: Path = typer.Option(Path("sd2-runs/demo-eval.json")),
+    profile: str = typer.Option("quick", help="quick (≈10 min on 2 CPU cores) | full (longer, better)"),
+    target: str = typer.Option("smollm2-135m-instruct"),
 ):
-    """Quick demo: derive a drafter from SmolLM2 (layers 0-9 + 29) and evaluate it on Spec-Bench prompts."""
-    from sd2.config import EvalConfig
-    from sd2.evaluate import run_eval, write_json
-    from sd2.models import load_model, save_model, sd2_home
-    from sd2.prune.layers import keep_layers
-    from sd2.report import eval_table
+    """The whole pipeline on the real SmolLM2 target: distill → train → prune sweep → baselines → evaluate → MLflow."""
+    from sd2.config import PipelineConfig, SweepGrid
 
-    target = "smollm2-135m-instruct"
-    drafter_dir = sd2_home() / "drafters" / f"{target}-L0-9_29"
-    if not (drafter_dir / "config.json").exists():
-        m, tok = load_model(target)
-        save_model(keep_layers(m, list(range(10)) + [29]), tok, drafter_dir, overwrite=True)
-    cfg = EvalConfig.build(target=target, drafter=str(drafter_dir), limit=limit, max_new_tokens=max_new_tokens,
-                           gamma=gamma, threads=threads)
-    res, _ = run_eval(cfg)
-    write_json(res, out)
-    typer.echo(eval_table(res))
-    typer.echo(f"wrote {out}")
+    _orchestration_env()
+    if profile not in ("quick", "full"):
+        raise UserError(f"--profile {profile!r}: use quick or full")
+    sweep = SweepGrid() if profile == "quick" else SweepGrid(methods=["sparsegpt", "wanda"],
+                                                             patterns=["unstructured", "2:4"],
+                                                             sparsities=[0.3, 0.5, 0.7])
+    _run_pipeline(PipelineConfig.build(name=f"sd2-demo-{profile}", profile=profile, target=target, sweep=sweep))
+
+
+@app.command("pipeline")
+@_cli
+def pipeline_cmd(config: Path = typer.Option(..., help="YAML file of PipelineConfig fields")):
+    """Run sd2_pipeline with a config file (the same fields as the Prefect UI form)."""
+    import yaml
+
+    from sd2.config import PipelineConfig
+
+    _orchestration_env()
+    if not config.is_file():
+        raise UserError(f"--config {config}: file not found")
+    try:
+        values = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {config}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    _run_pipeline(PipelineConfig.build(**values))
+
+
+@app.command("sweep")
+@_cli
+def sweep_cmd(
+    drafter: str = typer.Option(..., help="dense drafter dir to prune"),
+    data: Path = typer.Option(..., help="distilled dataset dir (calibration + sparse fine-tuning)"),
+    target: str = typer.Option("smollm2-135m-instruct"),
+    methods: str = typer.Option("sparsegpt", help="comma-separated: sparsegpt,wanda,magnitude"),
+    patterns: str = typer.Option("unstructured", help="comma-separated: unstructured,2:4"),
+    sparsities: str = typer.Option("0.5", help="comma-separated unstructured sparsities"),
+    ft_steps: int = typer.Option(30),
+    eval_limit: int = typer.Option(8),
+    gamma: int = typer.Option(4),
+    threads: int = typer.Option(1),
+):
+    """A sparsity sweep (prune → sparse fine-tune → evaluate) logged to MLflow as one parent run."""
+    from flows.pipeline import EvalSettings, SweepConfig, prune_sweep
+    from sd2.config import SweepGrid
+
+    _orchestration_env()
+    try:
+        grid = SweepGrid.build(methods=[m for m in methods.split(",") if m],
+                               patterns=[p for p in patterns.split(",") if p],
+                               sparsities=[float(x) for x in sparsities.split(",") if x])
+    except ValueError as exc:
+        raise UserError(f"--sparsities: {exc}") from None
+    cfg = SweepConfig(target=target, drafter=drafter, data=str(data), grid=grid, ft_steps=ft_steps, threads=threads,
+                      eval=EvalSettings(target=target, limit=eval_limit, gamma=gamma, threads=threads))
+    prune_sweep(cfg)
+    _print_compare()
+
+
+@app.command("compare")
+@_cli
+def compare_cmd(
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: every sd2/* experiment)"),
+    parent: Optional[str] = typer.Option(None, help="only the drafters of this pipeline/sweep run"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+):
+    """The drafter comparison from MLflow (search_runs)."""
+    _orchestration_env()
+    _print_compare(parent, experiment, fmt)
+
+
+@app.command("ui")
+@_cli
+def ui_cmd(
+    prefect_port: int = typer.Option(4200),
+    mlflow_port: int = typer.Option(5000),
+    host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 unless you mean to expose them)"),
+):
+    """Start a Prefect server and an MLflow server, and point later sd2 commands at them (./sd2-runs/ui.json)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from sd2.tracking import RUNS_DIR, tracking_uri
+
+    runs = Path(RUNS_DIR)
+    runs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    store = tracking_uri() if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http") else \
+        f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+    bindir = Path(sys.executable).parent
+    logs = {n: open(runs / f"{n}.log", "a") for n in ("prefect", "mlflow")}
+    procs = [
+        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
+                         stdout=logs["prefect"], stderr=subprocess.STDOUT, env=env, start_new_session=True),
+        subprocess.Popen([str(bindir / "mlflow"), "server", "--backend-store-uri", store, "--host", host, "--port",
+                          str(mlflow_port), "--workers", "1", "--artifacts-destination",
+                          str((runs / "mlflow-artifacts").resolve())],
+                         stdout=logs["mlflow"], stderr=subprocess.STDOUT, env=env, start_new_session=True),
+    ]
+    urls = {"prefect_api_url": f"http://{host}:{prefect_port}/api", "prefect_ui": f"http://{host}:{prefect_port}",
+            "mlflow_url": f"http://{host}:{mlflow_port}", "pids": [p.pid for p in procs]}
+    for name, url in (("prefect", urls["prefect_api_url"] + "/health"), ("mlflow", urls["mlflow_url"] + "/health")):
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if any(p.poll() is not None for p in procs):
+                    raise UserError(f"{name} server exited; see {runs / (name + '.log')}")
+                time.sleep(1)
+    _ui_state_file().write_text(json.dumps(urls, indent=2))
+    typer.echo(f"Prefect UI  {urls['prefect_ui']}\nMLflow UI   {urls['mlflow_url']}\n"
+               f"later sd2 commands use them while they run (state in {_ui_state_file()}); or export\n"
+               f"  PREFECT_API_URL={urls['prefect_api_url']} MLFLOW_TRACKING_URI={urls['mlflow_url']}\n"
+               f"stop with: kill {' '.join(str(p.pid) for p in procs)}")
 
 
 def main() -> None:

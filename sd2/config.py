@@ -107,3 +107,83 @@ class TrainConfig(_Base):
     threads: int | None = Field(None, ge=1)
     overwrite: bool = False
     load: ModelLoadOptions = ModelLoadOptions()
+
+
+class SweepGrid(_Base):
+    """Grid of one-shot pruning cells: method × pattern × sparsity (N:M patterns imply their sparsity)."""
+
+    methods: list[Literal["sparsegpt", "wanda", "magnitude"]] = ["sparsegpt"]
+    patterns: list[str] = ["unstructured"]
+    sparsities: list[float] = [0.5]
+
+    def cells(self) -> list[dict]:
+        out, seen = [], set()
+        for m in self.methods:
+            for p in self.patterns:
+                for s in (self.sparsities if p == "unstructured" else [None]):
+                    if s is None:
+                        try:
+                            n, mm = (int(x) for x in p.split(":"))
+                            s = round(1 - n / mm, 4)
+                        except ValueError:
+                            s = float("nan")
+                    key = (m, p, s)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append({"method": m, "pattern": p, "sparsity": s})
+        return out
+
+
+PROFILES: dict[str, dict] = {
+    # tiny: seconds, for tests on tiny models; quick: the `sd2 demo` default (≈10 min on 2 CPU cores);
+    # full: a longer, better run.
+    "tiny": dict(distill_limit=8, distill_max_new_tokens=8, train_steps=4, sparse_ft_steps=2, train_batch_size=4,
+                 seq_len=64, calib_samples=4, eval_limit=2, eval_max_new_tokens=8, distill_batch_size=4),
+    "quick": dict(distill_limit=48, distill_max_new_tokens=64, train_steps=60, sparse_ft_steps=30,
+                  train_batch_size=8, seq_len=256, calib_samples=16, eval_limit=6, eval_max_new_tokens=48),
+    "full": dict(distill_limit=1024, distill_max_new_tokens=256, train_steps=1000, sparse_ft_steps=300,
+                 train_batch_size=16, seq_len=512, calib_samples=128, eval_limit=104, eval_max_new_tokens=128),
+}
+
+
+class PipelineConfig(_Base):
+    """The whole SD² loop: self-distill → train a derived drafter → prune sweep (+ sparse FT) → baselines →
+    evaluate every drafter → MLflow + Prefect artifacts. Explicit fields override the profile's values."""
+
+    name: str = "sd2-pipeline"
+    profile: Literal["tiny", "quick", "full"] = "quick"
+    target: str = "smollm2-135m-instruct"
+    seed_prompts: str | None = Field(None, description="seed JSONL or HF id (default: Dolly subset in the data dir)")
+    eval_prompts: str | None = Field(None, description="evaluation JSONL (default: Spec-Bench)")
+    distill_mode: Literal["regenerate", "rewrite"] = "regenerate"
+    drafter_layers: str = Field("0-8,-1", description="layers of the target kept in the derived drafter")
+    sweep: SweepGrid = SweepGrid()
+    layer_baseline: bool = Field(True, description="add a layer-pruned drafter with MACs matched to the first cell")
+    gamma: int = Field(4, ge=1)
+    threads: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    register_champion: bool = True
+    cell_deployment: str | None = Field(
+        None, description="run sweep cells as runs of this deployment (e.g. 'sweep-cell/sweep-cell') so several "
+        "workers share a sweep; default: in-process tasks")
+    distill_limit: int | None = Field(None, ge=1)
+    distill_max_new_tokens: int | None = Field(None, ge=1)
+    distill_batch_size: int | None = Field(None, ge=1)
+    train_steps: int | None = Field(None, ge=1)
+    sparse_ft_steps: int | None = Field(None, ge=0)
+    train_batch_size: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=8)
+    calib_samples: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+    eval_max_new_tokens: int | None = Field(None, ge=1)
+
+    def resolved(self) -> "PipelineConfig":
+        """Fill every None with the profile's value."""
+        vals = self.model_dump()
+        for k, v in PROFILES[self.profile].items():
+            if vals.get(k) is None:
+                vals[k] = v
+        vals.setdefault("distill_batch_size", 8)
+        if vals["distill_batch_size"] is None:
+            vals["distill_batch_size"] = 8
+        return PipelineConfig(**vals)

@@ -133,19 +133,22 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             if shard_file.exists():
                 bar.update(len(chunk))
                 continue
-            rows = []
-            for b in range(0, len(chunk), cfg.batch_size):
-                batch = chunk[b:b + cfg.batch_size]
+            rows: list[dict | None] = [None] * len(chunk)
+            # Batch prompts of similar length together (less left padding); rows go back to seed order below.
+            order = sorted(range(len(chunk)), key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
+            for b in range(0, len(order), cfg.batch_size):
+                idx = order[b:b + cfg.batch_size]
+                batch = [chunk[i] for i in idx]
                 if cfg.mode == "reference":
                     gens = [(p.reference.strip(), [], False) for p in batch]
                 else:
                     gens = generate_batch(model, tok, [request_text(p, cfg.mode) for p in batch],
                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           seed=cfg.seed + s * 100_003 + b)
-                for p, (text, toks, truncated) in zip(batch, gens):
+                for i, p, (text, toks, truncated) in zip(idx, batch, gens):
                     gen_tokens += len(toks)
-                    rows.append({"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
-                                 "truncated": truncated, "degenerate": is_degenerate(toks)})
+                    rows[i] = {"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
+                               "truncated": truncated, "degenerate": is_degenerate(toks)}
                 bar.update(len(batch))
             tmp = shard_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

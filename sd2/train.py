@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -323,11 +324,29 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
             "mask_density": masks.density(), "regrown": regrown,
             "log_history": trainer.state.log_history,
         }, final_tmp / "sd2_train.json")
+        _carry_lineage(cfg.init, final_tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(final_tmp, out)
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _carry_lineage(init: str, out: Path) -> None:
+    """Keep the init model's pruning/layer metadata, with sparsity re-measured on the trained weights."""
+    from sd2.models import resolve_spec
+    from sd2.prune.masks import sparsity_report_from_dir
+
+    src = Path(resolve_spec(init, allow_pickle=True))
+    if not src.is_dir():
+        return
+    if (src / "sd2_layers.json").exists():
+        shutil.copy(src / "sd2_layers.json", out / "sd2_layers.json")
+    if (src / "sparsity.json").exists():
+        meta = json.loads((src / "sparsity.json").read_text())
+        layer_filter = "|".join(re.escape(n) + "$" for n in meta.get("layers", {})) or r"(?!)"
+        meta.update(sparsity_report_from_dir(out, layer_filter), fine_tuned_from=str(init))
+        (out / "sparsity.json").write_text(json.dumps(meta, indent=2))
 
 
 def _data_target(data: Path) -> str:

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the sd2 library: content-hash cache keys, retries, the `gpu` slot, paths in/out."""

@@ -76,3 +76,38 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
                 prune_wanda(m.weight.data, stats[n], sparsity, nm)
         hidden = [run_layer(layer, h, kw[li]) for h, kw in zip(hidden, kwargs)]  # outputs of the pruned layer
     return {"method": method, "seconds": time.perf_counter() - t0}
+
+
+def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = None, pattern: str = "unstructured",
+                 calib=None, calib_samples: int = 32, seq_len: int = 256, layer_filter: str = DEFAULT_FILTER,
+                 seed: int = 0, threads: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """`sd2 prune`: validate everything, prune, write the model dir + sparsity.json atomically; returns the report."""
+    import json
+
+    from sd2.evaluate import torch_threads
+    from sd2.models import check_output_dir, load_model, save_model
+    from sd2.prune.calib import calibration_ids
+    from sd2.prune.masks import sparsity_report
+
+    nm = parse_pattern(pattern)
+    if sparsity is None:
+        if nm is None:
+            raise UserError("--sparsity: required for unstructured pruning")
+        sparsity = 1 - nm[0] / nm[1]
+    check_sparsity(sparsity)
+    if calib_samples < 1:
+        raise UserError("--calib-samples: must be >= 1")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    check_output_dir(out, overwrite)
+    model, tok = load_model(model_spec)
+    validate(model, method, sparsity, pattern, layer_filter)
+    samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if method != "magnitude" else None
+    with torch_threads(threads):
+        info = prune_model(model, method, sparsity, pattern, samples, layer_filter, progress=progress)
+    report = sparsity_report(model, layer_filter)
+    meta = {"source": str(model_spec), "method": method, "pattern": pattern, "requested_sparsity": sparsity,
+            "calib": str(calib) if calib else None, "calib_samples": calib_samples if samples else 0,
+            "seconds": round(info["seconds"], 2), **report}
+    save_model(model, tok, out, overwrite=overwrite, extra_files={"sparsity.json": json.dumps(meta, indent=2)})
+    return meta

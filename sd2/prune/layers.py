@@ -130,3 +130,41 @@ def layers_for_macs(model, target_macs: float, context: int = 256) -> int:
     base = one - per_layer
     best = min(range(1, L), key=lambda k: abs(base + k * per_layer - target_macs))
     return best
+
+
+def layer_prune_to_dir(model_spec: str, out, *, keep_layers: str | None = None, num_layers: int | None = None,
+                       strategy: str = "angular", match_macs: str | None = None, calib=None, calib_samples: int = 16,
+                       seq_len: int = 256, context: int = 256, seed: int = 0, overwrite: bool = False) -> dict:
+    """`sd2 layer-prune`: an explicit list, or K layers by strategy (K optionally matched on MACs to a model)."""
+    import json
+
+    from sd2.metrics import macs_per_token
+    from sd2.models import check_output_dir, load_model, save_model
+    from sd2.prune.calib import calibration_ids
+
+    if sum(x is not None for x in (keep_layers, num_layers, match_macs)) != 1:
+        raise UserError("give exactly one of --keep-layers, --num-layers, --match-macs")
+    if strategy not in ("angular", "first"):
+        raise UserError(f"--strategy {strategy!r}: use angular or first")
+    check_output_dir(out, overwrite)
+    m, tok = load_model(model_spec)
+    L = m.config.num_hidden_layers
+    info: dict = {"source": str(model_spec), "source_layers": L}
+    if keep_layers is not None:
+        keep = parse_layer_list(keep_layers, L)
+    else:
+        if match_macs is not None:
+            ref, _ = load_model(match_macs, with_tokenizer=False)
+            ref_macs = macs_per_token(ref, context)["macs_per_token"]
+            num_layers = layers_for_macs(m, ref_macs, context)
+            info.update(match_macs=str(match_macs), reference_macs_per_token=ref_macs)
+        samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if strategy == "angular" else None
+        keep = choose_layers(m, num_layers, strategy, samples)
+        info["strategy"] = strategy
+    pruned = keep_layers_fn(m, keep)
+    info.update(kept_layers=keep, macs_per_token=macs_per_token(pruned, context)["macs_per_token"])
+    save_model(pruned, tok, out, overwrite=overwrite, extra_files={"sd2_layers.json": json.dumps(info, indent=2)})
+    return info
+
+
+keep_layers_fn = keep_layers

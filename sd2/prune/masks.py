@@ -80,3 +80,24 @@ def sparsity_report(model: nn.Module, layer_filter: str | None = None) -> dict:
     nnz = sum(v["nonzeros"] for v in layers.values())
     tot = sum(v["total"] for v in layers.values())
     return {"layers": layers, "nonzeros": nnz, "total": tot, "sparsity": 1 - nnz / tot if tot else 0.0}
+
+
+def sparsity_report_from_dir(model_dir, layer_filter: str) -> dict:
+    """The same report, read tensor by tensor from a saved safetensors model dir (no model instantiation)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    layers = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                name = key[: -len(".weight")] if key.endswith(".weight") else None
+                if name and re.search(layer_filter, name):
+                    t = st.get_tensor(key)
+                    if t.dim() == 2:
+                        nnz = int(torch.count_nonzero(t))
+                        layers[name] = {"nonzeros": nnz, "total": t.numel(), "sparsity": 1 - nnz / t.numel()}
+    nnz = sum(v["nonzeros"] for v in layers.values())
+    tot = sum(v["total"] for v in layers.values())
+    return {"layers": layers, "nonzeros": nnz, "total": tot, "sparsity": 1 - nnz / tot if tot else 0.0}

@@ -1,0 +1,298 @@
+"""The SD² pipeline as Prefect flows, each taking one pydantic config (a typed form in the Prefect UI):
+
+    sd2_pipeline ─┬─ self_distill ─ train_drafter ─ prune_sweep ─ evaluate_drafters ─ report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+from sd2 import tracking
+from sd2.config import PipelineConfig, SweepGrid
+from sd2.data import data_dir
+from sd2.report import markdown_table, plot_results
+from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
+
+
+class DrafterSpec(BaseModel):
+    name: str
+    path: str
+    params: dict = Field(default_factory=dict)
+
+
+class EvalSettings(BaseModel):
+    target: str = "smollm2-135m-instruct"
+    prompts: str | None = None
+    limit: int = Field(8, ge=1)
+    gamma: int = Field(4, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    threads: int = Field(1, ge=1)
+
+
+class SweepConfig(BaseModel):
+    """A sparsity sweep over a trained drafter: each cell is prune → sparse fine-tune (→ evaluated later)."""
+
+    target: str = "smollm2-135m-instruct"
+    drafter: str = Field(..., description="dense drafter dir to prune (e.g. a self-distilled one)")
+    data: str = Field(..., description="distilled dataset dir: calibration and sparse fine-tuning data")
+    grid: SweepGrid = SweepGrid()
+    calib_samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=8)
+    ft_steps: int = Field(30, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    threads: int = Field(1, ge=1)
+    cell_deployment: str | None = None
+    eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")
+
+
+def ensure_gpu_slot() -> None:
+    """Create the global concurrency limit `gpu` (one slot per GPU, one on CPU) if it does not exist yet."""
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name("gpu")
+        except Exception:  # noqa: BLE001 - ObjectNotFound
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name="gpu", limit=max(1, torch.cuda.device_count())))
+
+
+def _prefect_tags() -> dict:
+    return {"prefect.flow_run_id": flow_run.get_id() or "", "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
+
+
+@flow(name="self-distill", log_prints=True)
+def self_distill(target: str, prompts: str, mode: str = "regenerate", limit: int = 64, max_new_tokens: int = 128,
+                 batch_size: int = 8, threads: int = 1) -> str:
+    """The target answers the seed prompts itself; returns the dataset dir."""
+    return distill_task(target, prompts, mode, limit, max_new_tokens, batch_size, threads)
+
+
+@flow(name="train-drafter", log_prints=True)
+def train_drafter(init: str, data: str, max_steps: int = 100, batch_size: int = 8, seq_len: int = 256,
+                  lr: float = 2e-4, threads: int = 1) -> str:
+    """Fine-tune a drafter (dense or sparse: masks are kept) on distilled data; returns the model dir."""
+    return train_task(init, data, max_steps, batch_size, seq_len, lr, threads)
+
+
+@flow(name="sweep-cell", log_prints=True)
+def sweep_cell(model: str, data: str, method: str, pattern: str, sparsity: float, calib_samples: int = 16,
+               seq_len: int = 256, ft_steps: int = 30, batch_size: int = 8, lr: float = 2e-4, threads: int = 1) -> dict:
+    """One cell of a sweep, runnable on its own (a deployment lets remote workers take cells)."""
+    pruned = prune_task(model, method, pattern, sparsity, data, calib_samples, seq_len, threads)
+    final = train_task(pruned, data, ft_steps, batch_size, seq_len, lr, threads) if ft_steps else pruned
+    return {"method": method, "pattern": pattern, "sparsity": sparsity, "pruned": pruned, "model": final}
+
+
+@task(name="remote-cell", retries=1)
+def _remote_cell(deployment: str, params: dict) -> dict:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters=params, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"cell {params['method']} {params['pattern']} {params['sparsity']} ended {run.state}")
+    return run.state.result()
+
+
+def _cell_name(c: dict) -> str:
+    return f"{c['method']}-{c['pattern'].replace(':', 'of')}-{c['sparsity']:g}"
+
+
+@flow(name="prune-sweep", log_prints=True)
+def prune_sweep(config: SweepConfig) -> list[dict]:
+    """Fan out method × pattern × sparsity cells (tasks here, or deployment runs on a work pool);
+    an impossible cell is reported and the others still run."""
+    log = get_run_logger()
+    ensure_gpu_slot()
+    cells = config.grid.cells()
+    futures = []
+    for c in cells:
+        params = dict(model=config.drafter, data=config.data, method=c["method"], pattern=c["pattern"],
+                      sparsity=c["sparsity"], calib_samples=config.calib_samples, seq_len=config.seq_len,
+                      ft_steps=config.ft_steps, batch_size=config.batch_size, lr=config.lr, threads=config.threads)
+        if config.cell_deployment:
+            futures.append((c, _remote_cell.submit(config.cell_deployment, params)))
+        else:
+            pruned = prune_task.submit(params["model"], c["method"], c["pattern"], c["sparsity"], config.data,
+                                       config.calib_samples, config.seq_len, config.threads)
+            final = (train_task.submit(pruned, config.data, config.ft_steps, config.batch_size, config.seq_len,
+                                       config.lr, config.threads) if config.ft_steps else pruned)
+            futures.append((c, (pruned, final)))
+    done = []
+    for c, fut in futures:
+        try:
+            if isinstance(fut, tuple):
+                pruned, final = fut
+                res = {**c, "pruned": pruned.result(), "model": final.result() if config.ft_steps else pruned.result()}
+            else:
+                res = fut.result()
+            done.append(res)
+        except Exception as exc:  # noqa: BLE001 - one bad cell must not sink the sweep
+            log.error("cell %s failed: %s", _cell_name(c), str(exc).splitlines()[0] if str(exc) else exc)
+            done.append({**c, "error": str(exc).splitlines()[0] if str(exc) else repr(exc)})
+    if config.eval is not None:
+        drafters = [DrafterSpec(name=_cell_name(r), path=r["model"],
+                                params={"kind": "sparse", "prune": {k: r[k] for k in ("method", "pattern", "sparsity")},
+                                        "init": config.drafter}) for r in done if "model" in r]
+        parent = tracking.start_parent(config.eval.target, "prune-sweep", tags=_prefect_tags(),
+                                       params=json.loads(config.model_dump_json()))
+        evaluate_drafters(drafters, config.eval, parent_run_id=parent, dataset=config.data)
+        tracking.end_run(parent)
+    return done
+
+
+@flow(name="evaluate-drafters", log_prints=True)
+def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, parent_run_id: str | None = None,
+                      dataset: str | None = None, register_champion: bool = True) -> list[dict]:
+    """Evaluate each drafter against the target (one process each, target-only baseline included), log a child
+    MLflow run per drafter, plots on the parent, the champion alias, and a table artifact linking the runs."""
+    own_parent = parent_run_id is None
+    if own_parent:
+        parent_run_id = tracking.start_parent(settings.target, "evaluate-drafters", tags=_prefect_tags())
+    rows, run_ids = [], []
+    for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
+        out = Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, settings.gamma,
+                             settings.max_new_tokens, settings.threads))
+        res = json.loads((out / "eval.json").read_text())
+        records = pd.read_csv(out / "records.csv")
+        rid = tracking.log_drafter_run(parent_run_id, settings.target, d.name, {**d.params, "drafter_path": d.path,
+                                       "gamma": settings.gamma, "eval_limit": settings.limit},
+                                       res, records, model_dir=d.path, dataset_dir=dataset)
+        run_ids.append(rid)
+        rows.append({"drafter": d.name, "kind": d.params.get("kind", ""), **{f"prune.{k}": v for k, v in
+                     d.params.get("prune", {}).items()},
+                     **{k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio",
+                                            "theoretical_speedup", "speedup", "lossless")},
+                     "mal_ci95": f"{res['mal_ci95'][0]:.2f}–{res['mal_ci95'][1]:.2f}",
+                     **{f"mal.{c}": v["mal"] for c, v in res["per_category"].items()}, "mlflow_run": rid})
+    df = pd.DataFrame(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = plot_results(df, tmp)
+        table = Path(tmp) / "comparison.csv"
+        df.to_csv(table, index=False)
+        tracking.log_parent_artifacts(parent_run_id, [*files, table])
+    champion = tracking.register_champion(settings.target, run_ids) if register_champion else None
+    link = _run_link(settings.target)
+    create_table_artifact(
+        key="sd2-results",
+        table=[{"drafter": r["drafter"], "MAL": round(r["mal"], 3), "MAL 95% CI": r["mal_ci95"],
+                "acceptance": round(r["acceptance_rate"], 3), "MACs/token (M)": round(r["drafter_macs_per_token"] / 1e6, 2),
+                "theoretical speedup": round(r["theoretical_speedup"], 3), "measured speedup": round(r["speedup"], 3),
+                "lossless": r["lossless"], "MLflow run": link(r["mlflow_run"])} for r in rows],
+        description=f"sd2 drafters vs {settings.target} (γ={settings.gamma}); champion: "
+                    f"{champion['drafter'] if champion else '—'}; MLflow: {tracking.tracking_uri()}")
+    if own_parent:
+        tracking.end_run(parent_run_id)
+    return rows
+
+
+def _run_link(target: str):
+    uri = tracking.tracking_uri()
+
+    def link(run_id: str) -> str:
+        if uri.startswith("http"):
+            import mlflow
+
+            mlflow.set_tracking_uri(uri)
+            exp = mlflow.get_experiment_by_name(tracking.experiment_name(target))
+            return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+        return f"{run_id} (mlflow ui --backend-store-uri {uri})"
+    return link
+
+
+@flow(name="sd2-pipeline", log_prints=True)
+def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
+    """The whole loop: self-distill → derived drafter → fine-tune → prune sweep + sparse FT → baselines
+    (untuned, dense, layer-pruned with matched MACs) → evaluate all → MLflow + champion + artifacts."""
+    cfg = config.resolved()
+    ensure_gpu_slot()
+    seeds = cfg.seed_prompts or str(data_dir() / "dolly-15k-subset.jsonl")
+    tracking.check_reachable()
+    parent = tracking.start_parent(cfg.target, cfg.name, tags=_prefect_tags(),
+                                   params=json.loads(cfg.model_dump_json()))
+    try:
+        data = self_distill(cfg.target, seeds, cfg.distill_mode, cfg.distill_limit, cfg.distill_max_new_tokens,
+                            cfg.distill_batch_size, cfg.threads)
+        base = derive_task(cfg.target, cfg.drafter_layers)
+        dense = train_drafter(base, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
+        cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, grid=cfg.sweep,
+                                        calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
+                                        ft_steps=cfg.sparse_ft_steps, batch_size=cfg.train_batch_size, lr=cfg.lr,
+                                        threads=cfg.threads, cell_deployment=cfg.cell_deployment))
+        common = {"init": cfg.target, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
+                  "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
+        drafters = [DrafterSpec(name="derived-untuned", path=base, params={**common, "kind": "untuned",
+                                                                           "train.steps": 0}),
+                    DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"})]
+        for c in cells:
+            if "model" in c:
+                drafters.append(DrafterSpec(name=_cell_name(c), path=c["model"], params={
+                    **common, "kind": "sparse", "prune": {k: c[k] for k in ("method", "pattern", "sparsity")},
+                    "sparse_ft.steps": cfg.sparse_ft_steps}))
+        ok = [c for c in cells if "model" in c]
+        if cfg.layer_baseline and ok:
+            lp = layer_match_task(cfg.target, ok[0]["pruned"], data, cfg.calib_samples, cfg.seq_len)
+            lp_ft = train_drafter(lp, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
+            drafters.append(DrafterSpec(name="layer-pruned-matched", path=lp_ft, params={
+                **common, "kind": "layer-pruned", "matched_to": _cell_name(ok[0])}))
+        rows = evaluate_drafters(drafters, EvalSettings(target=cfg.target, prompts=cfg.eval_prompts,
+                                                        limit=cfg.eval_limit, gamma=cfg.gamma,
+                                                        max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads),
+                                 parent_run_id=parent, dataset=data, register_champion=cfg.register_champion)
+        failed = [c for c in cells if "error" in c]
+        if failed:
+            create_markdown_artifact(key="sd2-failed-cells", markdown="\n".join(
+                f"- {_cell_name(c)}: {c['error']}" for c in failed))
+        tracking.end_run(parent)
+        return rows
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+
+
+@flow(name="nightly-eval", log_prints=True)
+def nightly_eval(settings: EvalSettings = EvalSettings(), alias: str = "champion") -> list[dict]:
+    """Re-measure the registered champion drafter (fresh timings, not cached) and log it as a new run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    name = tracking.registered_model_name(settings.target)
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"no registered model {name}@{alias} yet: run the pipeline first ({exc})") from None
+    drafter = DrafterSpec(name=f"{alias}-v{mv.version}", path=mv.source, params={"kind": "nightly", "version": mv.version})
+    parent = tracking.start_parent(settings.target, "nightly-eval", tags=_prefect_tags())
+    try:
+        with eval_task_refresh():
+            rows = evaluate_drafters([drafter], settings, parent_run_id=parent, register_champion=False)
+    finally:
+        tracking.end_run(parent)
+    return rows
+
+
+class eval_task_refresh:
+    """Within this block, evaluations ignore Prefect's cache (timings must be fresh)."""
+
+    def __enter__(self):
+        self._old = os.environ.get("PREFECT_TASKS_REFRESH_CACHE")
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+
+    def __exit__(self, *exc):
+        if self._old is None:
+            os.environ.pop("PREFECT_TASKS_REFRESH_CACHE", None)
+        else:
+            os.environ["PREFECT_TASKS_REFRESH_CACHE"] = self._old

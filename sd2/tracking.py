@@ -1,0 +1,233 @@
+"""MLflow conventions (DESIGN §6): experiment `sd2/<target>`, a parent run per pipeline/sweep, a child run
+per drafter (params, metrics incl. per category and per position, train loss by step, artifacts), the
+distilled dataset as an input, and the registered model `sd2-drafter-<target>` whose alias `champion` is
+the drafter with the best theoretical speedup."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from sd2.errors import UserError
+
+RUNS_DIR = Path(os.environ.get("SD2_RUNS_DIR", "sd2-runs"))
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite file under ./sd2-runs/ (MLflow's default backend since 3.7)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    runs = Path(os.environ.get("SD2_RUNS_DIR", RUNS_DIR)).resolve()
+    runs.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def target_slug(target: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(target)).name if "/" in str(target) else str(target)).strip("-")
+
+
+def experiment_name(target: str) -> str:
+    return f"sd2/{target_slug(target)}"
+
+
+def registered_model_name(target: str) -> str:
+    return f"sd2-drafter-{target_slug(target)}"
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _client():
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri)
+
+
+def check_reachable() -> None:
+    """One clear line when a configured tracking server cannot be reached."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+    except OSError as exc:
+        raise UserError(f"MLFLOW_TRACKING_URI {uri}: unreachable ({exc}); start it (`sd2 ui`) or unset it "
+                        "to use the local SQLite store") from None
+
+
+def start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
+    """Create the parent run of a pipeline or sweep; returns its run id (the run is left open for children)."""
+    mlflow, client = _client()
+    exp = mlflow.set_experiment(experiment_name(target))
+    all_tags = {"sd2.kind": "pipeline", "git_sha": git_sha() or "unknown", **(tags or {})}
+    run = client.create_run(exp.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    for k, v in _flat(params or {}).items():
+        client.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    _, client = _client()
+    client.set_terminated(run_id, status)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = "" if v is None else str(v)[:500]
+    return out
+
+
+def eval_metrics(res: dict) -> dict[str, float]:
+    """MLflow metric names of one eval result (DESIGN §6)."""
+    m = {k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup",
+                             "speedup", "target_tokens_per_s", "spec_tokens_per_s") if res.get(k) is not None}
+    m["mal_ci95_lo"], m["mal_ci95_hi"] = res["mal_ci95"]
+    m["lossless"] = float(bool(res["lossless"])) if res.get("lossless") is not None else None
+    for i, a in enumerate(res["per_position_acceptance"]):
+        m[f"acceptance.pos{i + 1}"] = a
+    for cat, v in res["per_category"].items():
+        m[f"mal.{cat}"] = v["mal"]
+        m[f"speedup.{cat}"] = v["speedup"]
+    return {k: float(v) for k, v in m.items() if v is not None and v == v}
+
+
+def log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: dict,
+                    records: pd.DataFrame | None = None, model_dir: str | Path | None = None,
+                    dataset_dir: str | Path | None = None, extra_tags: dict | None = None) -> str:
+    """One child run per drafter: params, metrics, train loss by step, artifacts; returns the run id."""
+    import mlflow
+
+    mlflow, client = _client()
+    exp = mlflow.set_experiment(experiment_name(target))
+    tags = {"mlflow.parentRunId": parent_id, "sd2.kind": "drafter", "sd2.drafter": name,
+            "git_sha": git_sha() or "unknown", **(extra_tags or {})}
+    run = client.create_run(exp.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+    rid = run.info.run_id
+    try:
+        for k, v in _flat(params).items():
+            client.log_param(rid, k, v)
+        for k, v in eval_metrics(res).items():
+            client.log_metric(rid, k, v)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "eval.json").write_text(json.dumps(res, indent=2, default=str))
+            client.log_artifact(rid, str(tmp / "eval.json"))
+            cats = pd.DataFrame([{"category": c, **v} for c, v in res["per_category"].items()])
+            cats.to_csv(tmp / "per_category.csv", index=False)
+            client.log_artifact(rid, str(tmp / "per_category.csv"))
+            if records is not None:
+                records.to_csv(tmp / "per_prompt.csv", index=False)
+                client.log_artifact(rid, str(tmp / "per_prompt.csv"))
+            (tmp / "config.json").write_text(json.dumps(params, indent=2, default=str))
+            client.log_artifact(rid, str(tmp / "config.json"))
+        if model_dir is not None:
+            model_dir = Path(model_dir)
+            for meta in ("sparsity.json", "sd2_layers.json", "sd2_train.json"):
+                if (model_dir / meta).exists():
+                    client.log_artifact(rid, str(model_dir / meta))
+            train_log = model_dir / "sd2_train.json"
+            if train_log.exists():
+                for h in json.loads(train_log.read_text()).get("log_history", []):
+                    if "loss" in h:
+                        client.log_metric(rid, "train.loss", float(h["loss"]), step=int(h["step"]))
+            client.set_tag(rid, "sd2.model_dir", str(model_dir.resolve()))
+        if dataset_dir is not None:
+            _log_dataset(rid, Path(dataset_dir))
+        client.set_terminated(rid, "FINISHED")
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise
+    return rid
+
+
+def _log_dataset(run_id: str, path: Path) -> None:
+    import mlflow
+
+    manifest = path / "sd2_manifest.json"
+    if not manifest.exists():
+        return
+    man = json.loads(manifest.read_text())
+    df = pd.DataFrame([{"rows": float(man.get("counts", {}).get("kept", 0)), "mode": man.get("mode"),
+                        "target": man.get("target")}])
+    ds = mlflow.data.from_pandas(df, source=str(path.resolve()), name=f"distilled-{man.get('mode')}",
+                                 digest=str(man.get("prompts_digest", ""))[:16] + str(man.get("target_digest", ""))[:8])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(ds, context="training")
+
+
+def log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict | None = None) -> None:
+    _, client = _client()
+    for f in files:
+        client.log_artifact(parent_id, str(f))
+    for k, v in (metrics or {}).items():
+        client.log_metric(parent_id, k, float(v))
+
+
+def register_champion(target: str, run_ids: list[str]) -> dict | None:
+    """Register the drafter with the best theoretical speedup and point alias `champion` at it."""
+    _, client = _client()
+    runs = [client.get_run(r) for r in run_ids]
+    runs = [r for r in runs if "theoretical_speedup" in r.data.metrics and r.data.tags.get("sd2.model_dir")]
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: r.data.metrics["theoretical_speedup"])
+    name = registered_model_name(target)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - mlflow raises RestException/MlflowException by backend
+        client.create_registered_model(name, description=f"sd2 drafters for {target}; alias champion = best "
+                                                         "theoretical speedup")
+    mv = client.create_model_version(name, source=best.data.tags["sd2.model_dir"], run_id=best.info.run_id,
+                                     tags={"theoretical_speedup": str(best.data.metrics["theoretical_speedup"]),
+                                           "mal": str(best.data.metrics.get("mal"))})
+    client.set_registered_model_alias(name, "champion", mv.version)
+    return {"name": name, "version": mv.version, "run_id": best.info.run_id,
+            "drafter": best.data.tags.get("sd2.drafter")}
+
+
+COMPARE_COLUMNS = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
+                   "cost_ratio", "theoretical_speedup", "speedup", "lossless"]
+
+
+def compare(experiment: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
+    """Drafter runs of an experiment (optionally one pipeline run) as a DataFrame, best theoretical speedup first."""
+    mlflow, _ = _client()
+    names = [experiment] if experiment else [e.name for e in mlflow.search_experiments() if e.name.startswith("sd2/")]
+    if not names:
+        raise UserError("no sd2 experiments in the tracking store; run `sd2 demo` or a pipeline first")
+    flt = "tags.`sd2.kind` = 'drafter'"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    df = mlflow.search_runs(experiment_names=names, filter_string=flt, order_by=["attributes.start_time DESC"])
+    if df.empty:
+        return pd.DataFrame(columns=["experiment", "run_id", *COMPARE_COLUMNS])
+    out = pd.DataFrame({"run_id": df["run_id"], "drafter": df.get("tags.sd2.drafter"),
+                        "parent": df.get("tags.mlflow.parentRunId")})
+    for c in COMPARE_COLUMNS[1:]:
+        col = f"metrics.{c}"
+        out[c] = df[col] if col in df else None
+    for c in ("params.prune.method", "params.prune.pattern", "params.prune.sparsity", "params.kind"):
+        if c in df:
+            out[c.split("params.")[1]] = df[c]
+    return out.sort_values("theoretical_speedup", ascending=False, na_position="last").reset_index(drop=True)

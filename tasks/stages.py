@@ -1,0 +1,153 @@
+"""One task per pipeline stage. Each output lives at SD2_HOME/artifacts/<stage>/<key>, where the key hashes
+the inputs' *content* (model and data digests, the config): a re-run with the same inputs reuses the
+result, through Prefect's cache or, if that cache is gone, by finding the finished directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.concurrency.sync import concurrency
+
+from sd2.models import model_digest, sd2_home
+
+
+def _digest(path_or_spec) -> str:
+    p = Path(str(path_or_spec))
+    if p.is_dir() and (p / "sd2_manifest.json").exists():  # distilled dataset: its files
+        h = hashlib.sha256()
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    return model_digest(str(path_or_spec))
+
+
+def stage_key(stage: str, config: dict, inputs: dict) -> str:
+    """sha256 of the stage name, its config and the content digests of its inputs."""
+    blob = json.dumps({"stage": stage, "config": config, "inputs": {k: _digest(v) for k, v in inputs.items()
+                                                                      if v is not None}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def stage_dir(stage: str, key: str) -> Path:
+    return sd2_home() / "artifacts" / stage / key
+
+
+def _key_fn(stage: str, inputs: tuple[str, ...]):
+    """Prefect cache key = the content key of the stage (the same key that names its output dir).
+    If an output dir is deleted by hand while Prefect's record of it remains, run with refresh_cache."""
+    def fn(ctx, params):
+        config = {k: v for k, v in params.items() if k not in inputs}
+        return stage_key(stage, config, {k: params.get(k) for k in inputs})
+    return fn
+
+
+def _done(d: Path) -> bool:
+    return d.is_dir() and ((d / "config.json").exists() or (d / "sd2_manifest.json").exists()
+                           or (d / "eval.json").exists())
+
+
+_COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], log_prints=True)
+
+
+@task(name="self-distill", cache_key_fn=_key_fn("distill", ("target", "prompts")), **_COMMON)
+def distill_task(target: str, prompts: str, mode: str, limit: int, max_new_tokens: int, batch_size: int,
+                 threads: int = 1, seed: int = 0) -> str:
+    from sd2.config import DistillConfig
+    from sd2.distill import distill
+
+    key = stage_key("distill", dict(mode=mode, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    threads=threads, seed=seed), {"target": target, "prompts": prompts})
+    out = stage_dir("distill", key)
+    if not _done(out):
+        with concurrency("gpu", occupy=1, strict=False):
+            distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
+                                  overwrite=True), progress=False)
+    return str(out)
+
+
+@task(name="derive-drafter", cache_key_fn=_key_fn("derive", ("target",)), **_COMMON)
+def derive_task(target: str, keep_layers: str) -> str:
+    from sd2.prune.layers import layer_prune_to_dir
+
+    out = stage_dir("derive", stage_key("derive", {"keep_layers": keep_layers}, {"target": target}))
+    if not _done(out):
+        layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True)
+    return str(out)
+
+
+@task(name="train-drafter", cache_key_fn=_key_fn("train", ("init", "data")), **_COMMON)
+def train_task(init: str, data: str, max_steps: int, batch_size: int, seq_len: int, lr: float,
+               threads: int = 1, seed: int = 0) -> str:
+    from sd2.config import TrainConfig
+    from sd2.train import train
+
+    key = stage_key("train", dict(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                                  threads=threads, seed=seed), {"init": init, "data": data})
+    out = stage_dir("train", key)
+    if not _done(out):
+        with concurrency("gpu", occupy=1, strict=False):
+            train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size,
+                              seq_len=seq_len, lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1),
+                              overwrite=True), progress=False)
+    return str(out)
+
+
+@task(name="prune", cache_key_fn=_key_fn("prune", ("model", "calib")), **_COMMON)
+def prune_task(model: str, method: str, pattern: str, sparsity: float, calib: str, calib_samples: int,
+               seq_len: int, threads: int = 1) -> str:
+    from sd2.prune import prune_to_dir
+
+    key = stage_key("prune", dict(method=method, pattern=pattern, sparsity=sparsity, calib_samples=calib_samples,
+                                  seq_len=seq_len, threads=threads), {"model": model, "calib": calib})
+    out = stage_dir("prune", key)
+    if not _done(out):
+        with concurrency("gpu", occupy=1, strict=False):
+            prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity,
+                         pattern=pattern, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
+                         threads=threads, overwrite=True, progress=False)
+    return str(out)
+
+
+@task(name="layer-prune-matched", cache_key_fn=_key_fn("layers", ("model", "reference", "calib")), **_COMMON)
+def layer_match_task(model: str, reference: str, calib: str, calib_samples: int, seq_len: int,
+                     strategy: str = "angular") -> str:
+    from sd2.prune.layers import layer_prune_to_dir
+
+    key = stage_key("layers", dict(calib_samples=calib_samples, seq_len=seq_len, strategy=strategy),
+                    {"model": model, "reference": reference, "calib": calib})
+    out = stage_dir("layers", key)
+    if not _done(out):
+        layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib,
+                           calib_samples=calib_samples, seq_len=seq_len, overwrite=True)
+    return str(out)
+
+
+@task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts")), **_COMMON)
+def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
+              threads: int = 1, temperature: float = 0.0, seed: int = 0) -> str:
+    """Evaluates one drafter; returns a dir holding eval.json and records.csv."""
+    from sd2.config import EvalConfig
+    from sd2.evaluate import run_eval, write_json
+
+    key = stage_key("eval", dict(limit=limit, gamma=gamma, max_new_tokens=max_new_tokens, threads=threads,
+                                 temperature=temperature, seed=seed),
+                    {"target": target, "drafter": drafter, "prompts": prompts})
+    out = stage_dir("eval", key)
+    if not _done(out):
+        with concurrency("gpu", occupy=1, strict=False):
+            res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
+                                          max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
+                                          seed=seed), progress=False)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        df.to_csv(tmp / "records.csv", index=False)
+        write_json(res, tmp / "eval.json")
+        tmp.rename(out)
+    return str(out)

@@ -1,0 +1,145 @@
+"""Flows under prefect_test_harness on tiny models: results, MLflow runs, champion alias, and cache hits."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flows")
+    env = {"SD2_HOME": str(root / "home"), "SD2_RUNS_DIR": str(root / "runs"), "PREFECT_HOME": str(root / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOCAL_STORAGE_PATH": str(root / "home" / "prefect-results")}
+    old = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI"]}
+    os.environ.update(env)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tiny_target(harness, tok300):
+    from sd2.models import save_model
+    from tests.conftest import make_llama
+
+    d = harness / "target"
+    save_model(make_llama(len(tok300), layers=4, seed=1, eos=tok300.eos_token_id, hidden=64), tok300, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def eval_file(harness):
+    f = harness / "eval.jsonl"
+    f.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [f"the lazy dog {i}"]}) + "\n"
+                         for i, c in enumerate(["a", "b", "a", "b"])))
+    return f
+
+
+def _config(tiny_target, seed_file, eval_file, **kw):
+    from sd2.config import PipelineConfig, SweepGrid
+
+    return PipelineConfig(profile="tiny", target=str(tiny_target), seed_prompts=str(seed_file),
+                          eval_prompts=str(eval_file), drafter_layers="0,-1",
+                          sweep=SweepGrid(methods=["sparsegpt", "wanda"], patterns=["unstructured", "2:4"],
+                                          sparsities=[0.5]), **kw)
+
+
+def _task_states(since):
+    """{task function name: [state names]} of the task runs created after `since`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        out = {}
+        runs = [tr for off in range(0, 1000, 200) for tr in client.read_task_runs(limit=200, offset=off)]
+        for tr in runs:
+            if tr.created and tr.created >= since:
+                out.setdefault(tr.task_key.rsplit("-", 1)[0], []).append(tr.state.name)
+        return out
+
+
+def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_file):
+    import mlflow
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+
+    cfg = _config(tiny_target, seed_file, eval_file)
+    state = sd2_pipeline(cfg, return_state=True)
+    rows = state.result()
+    names = [r["drafter"] for r in rows]
+    assert names == ["derived-untuned", "dense-self-distilled", "sparsegpt-unstructured-0.5", "sparsegpt-2of4-0.5",
+                     "wanda-unstructured-0.5", "wanda-2of4-0.5", "layer-pruned-matched"]
+    assert all(r["lossless"] for r in rows)
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    assert tracking.tracking_uri().startswith("sqlite:///") and str(harness / "runs") in tracking.tracking_uri()
+    df = tracking.compare(tracking.experiment_name(str(tiny_target)))
+    assert len(df) == 7 and df["mal"].notna().all()
+    client = mlflow.MlflowClient()
+    child = client.get_run(df.loc[df["drafter"] == "sparsegpt-unstructured-0.5", "run_id"].iloc[0])
+    assert child.data.params["prune.method"] == "sparsegpt" and child.data.params["prune.sparsity"] == "0.5"
+    assert {"mal", "acceptance.pos1", "mal.a", "cost_ratio", "theoretical_speedup"} <= set(child.data.metrics)
+    assert len(client.get_metric_history(child.info.run_id, "train.loss")) >= 1
+    arts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"per_category.csv", "sparsity.json", "config.json", "eval.json"} <= arts
+    assert child.inputs.dataset_inputs  # the distilled dataset as an MLflow input
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert "mal_vs_macs.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    champ = client.get_model_version_by_alias(tracking.registered_model_name(str(tiny_target)), "champion")
+    best = df.iloc[0]
+    assert champ.run_id == best["run_id"]
+
+    # second run: every expensive task is served from the cache
+    import datetime
+
+    since = datetime.datetime.now(datetime.timezone.utc)
+    state2 = sd2_pipeline(cfg, return_state=True)
+    assert [r["drafter"] for r in state2.result()] == names
+    states = _task_states(since)
+    for key in ("distill_task", "train_task", "prune_task", "eval_task", "derive_task"):
+        assert states.get(key) and set(states[key]) == {"Cached"}, (key, states)
+
+
+def test_sweep_with_an_impossible_cell_runs_the_others(harness, tiny_target, seed_file, eval_file):
+    from flows.pipeline import EvalSettings, SweepConfig, prune_sweep
+    from sd2.config import SweepGrid
+    from sd2.distill import distill
+    from sd2.config import DistillConfig
+
+    data = distill(DistillConfig(target=str(tiny_target), prompts=str(seed_file), out=harness / "sweepdata",
+                                 max_new_tokens=8, limit=8), progress=False)
+    res = prune_sweep(SweepConfig(target=str(tiny_target), drafter=str(tiny_target), data=str(data),
+                                  grid=SweepGrid(methods=["magnitude"], patterns=["unstructured", "3:7"],
+                                                 sparsities=[0.4]),
+                                  calib_samples=4, seq_len=32, ft_steps=1, batch_size=2,
+                                  eval=EvalSettings(target=str(tiny_target), prompts=str(eval_file), limit=2,
+                                                    max_new_tokens=6)))
+    ok = [r for r in res if "model" in r]
+    bad = [r for r in res if "error" in r]
+    assert len(ok) == 1 and len(bad) == 1 and "does not divide" in bad[0]["error"]
+
+
+def test_flow_parameters_validated_before_work():
+    from pydantic import ValidationError
+
+    from sd2.config import PipelineConfig
+
+    with pytest.raises(ValidationError):
+        PipelineConfig(profile="huge")
+    with pytest.raises(ValidationError):
+        PipelineConfig(gamma=0)
+    with pytest.raises(ValidationError):
+        PipelineConfig(sweep={"methods": ["obs"]})
