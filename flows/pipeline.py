@@ -274,7 +274,10 @@ def nightly_eval(settings: EvalSettings = EvalSettings(), alias: str = "champion
         mv = client.get_model_version_by_alias(name, alias)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"no registered model {name}@{alias} yet: run the pipeline first ({exc})") from None
-    drafter = DrafterSpec(name=f"{alias}-v{mv.version}", path=mv.source, params={"kind": "nightly", "version": mv.version})
+    path = mv.tags.get("sd2.model_dir", "")
+    if not Path(path).is_dir():  # another machine: fetch the registry's copy
+        path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source)
+    drafter = DrafterSpec(name=f"{alias}-v{mv.version}", path=path, params={"kind": "nightly", "version": mv.version})
     parent = tracking.start_parent(settings.target, "nightly-eval", tags=_prefect_tags())
     try:
         with eval_task_refresh():

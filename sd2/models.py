@@ -60,6 +60,7 @@ PACKAGED: dict[str, PackagedModel] = {
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DONE = ".sd2-complete"
+CACHE_VERSION = 2  # bump when the conversion changes; older caches are rebuilt from the downloaded GGUF
 
 
 def _sha256(path: Path) -> str:
@@ -113,6 +114,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF-loaded model refuses save_pretrained: rebuild it from its config and copy the weights.
     config = loaded.config
+    # The weights are dequantized fp32 now: drop the GGUF quantization_config, or transformers treats the
+    # saved model as quantized (and the Trainer refuses to fine-tune it).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
@@ -126,7 +131,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / _DONE).write_text(json.dumps({"source": gguf.name, "sha256": _sha256(gguf)}))
+        (tmp / _DONE).write_text(json.dumps({"source": gguf.name, "sha256": _sha256(gguf), "version": CACHE_VERSION}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -140,7 +145,12 @@ def packaged_dir(alias: str) -> Path:
     home = sd2_home()
     out = home / "models" / alias
     if (out / _DONE).exists():
-        return out
+        try:
+            if json.loads((out / _DONE).read_text()).get("version") == CACHE_VERSION:
+                return out
+        except ValueError:
+            pass
+        log.info("rebuilding the cached %s (older cache format)", alias)
     out.parent.mkdir(parents=True, exist_ok=True)
     gguf = _fetch_gguf(alias, PACKAGED[alias], home)
     _convert_gguf(gguf, out)

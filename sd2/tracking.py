@@ -198,9 +198,13 @@ def register_champion(target: str, run_ids: list[str]) -> dict | None:
     except Exception:  # noqa: BLE001 - mlflow raises RestException/MlflowException by backend
         client.create_registered_model(name, description=f"sd2 drafters for {target}; alias champion = best "
                                                          "theoretical speedup")
-    mv = client.create_model_version(name, source=best.data.tags["sd2.model_dir"], run_id=best.info.run_id,
+    # The registry keeps its own copy: the model files become artifacts of the champion's run.
+    model_dir = best.data.tags["sd2.model_dir"]
+    client.log_artifacts(best.info.run_id, model_dir, artifact_path="model")
+    mv = client.create_model_version(name, source=f"{best.info.artifact_uri.rstrip('/')}/model",
+                                     run_id=best.info.run_id,
                                      tags={"theoretical_speedup": str(best.data.metrics["theoretical_speedup"]),
-                                           "mal": str(best.data.metrics.get("mal"))})
+                                           "mal": str(best.data.metrics.get("mal")), "sd2.model_dir": model_dir})
     client.set_registered_model_alias(name, "champion", mv.version)
     return {"name": name, "version": mv.version, "run_id": best.info.run_id,
             "drafter": best.data.tags.get("sd2.drafter")}

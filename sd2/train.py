@@ -92,12 +92,17 @@ class SparsityMasks:
         self.masks = masks
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "SparsityMasks":
+    def from_model(cls, model: nn.Module, pruned_layers: set[str] | None = None,
+                   min_zero_share: float = 0.05) -> "SparsityMasks":
+        """Masks for the layers `sd2 prune` recorded (sparsity.json), and for any linear layer whose zero share
+        reaches `min_zero_share` — the stray exact zeros of a dequantized checkpoint (≈0.5% for Q4 GGUF)
+        are not a sparsity pattern and stay trainable."""
         masks = {}
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
                 zero = mod.weight.detach() == 0
-                if bool(zero.any()):
+                share = float(zero.float().mean())
+                if share > 0 and (share >= min_zero_share or (pruned_layers and name in pruned_layers)):
                     masks[name] = ~zero
         return cls(masks)
 
@@ -239,7 +244,7 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         raise UserError(f"--seq-len {cfg.seq_len}: shorter than every prompt ({dropped} dropped); raise it")
     if dropped:
         log.warning("%d example(s) dropped: prompt longer than --seq-len %d", dropped, cfg.seq_len)
-    masks = SparsityMasks.from_model(model)
+    masks = SparsityMasks.from_model(model, _pruned_layers(cfg.init))
     if masks:
         log.info("keeping sparsity masks on %d linear layers (density %.3f)", len(masks.masks), masks.density())
         masks.hook_gradients(model)
@@ -330,6 +335,14 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         os.replace(final_tmp, out)
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _pruned_layers(init: str) -> set[str]:
+    """Layer names listed in the init model's sparsity.json (written by `sd2 prune`)."""
+    from sd2.models import resolve_spec
+
+    src = Path(resolve_spec(init, allow_pickle=True)) / "sparsity.json"
+    return set(json.loads(src.read_text()).get("layers", {})) if src.is_file() else set()
 
 
 def _carry_lineage(init: str, out: Path) -> None:

@@ -175,3 +175,12 @@ def test_train_bad_input(tiny_model_dir, data_dir, tmp_path):
         res = r.invoke(app, [*base, *args])
         assert res.exit_code == 2 and needle in res.output, (args, res.output)
         assert not (tmp_path / "o").exists()
+
+
+def test_stray_zeros_are_not_masks_but_recorded_layers_are():
+    m = make_llama(64, hidden=64)
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight[0, :3] = 0  # 3 of 8192: a dequantization artefact
+    assert not SparsityMasks.from_model(m)
+    sm = SparsityMasks.from_model(m, pruned_layers={"model.layers.0.mlp.up_proj"})
+    assert list(sm.masks) == ["model.layers.0.mlp.up_proj"]
