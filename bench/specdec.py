@@ -10,6 +10,7 @@ lossless check. Threads are pinned (default 1: on this 2-core machine two thread
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -19,6 +20,7 @@ from transformers import GenerationConfig
 
 from sd2 import metrics
 from sd2.data import encode_prompt, load_prompts
+from sd2.fastpath import pack_fp16
 from sd2.models import load_model, save_model, sd2_home
 from sd2.prune.layers import keep_layers
 from sd2.specdec import DecodeResult, SpecDecoder, hf_assisted_generate
@@ -62,12 +64,17 @@ def main() -> None:
     prompts = [encode_prompt(tok, p.text) for p in load_prompts(None, limit=args.limit)]
     ours_base = SpecDecoder(target, target_tokenizer=tok)
     ours_spec = SpecDecoder(target, drafter, gamma=args.gamma, target_tokenizer=tok)
+    drafter16 = pack_fp16(copy.deepcopy(drafter))  # numerics of the drafter only: the target decides every token
+    ours_spec16 = SpecDecoder(target, drafter16, gamma=args.gamma, target_tokenizer=tok)
     methods = {
         "hf_target_only": lambda ids: hf_target_only(target, ids, args.max_new_tokens),
         "sd2_target_only": lambda ids: ours_base.generate(ids, args.max_new_tokens),
         "hf_assisted": lambda ids: hf_assisted_generate(target, drafter, ids, gamma=args.gamma,
                                                         max_new_tokens=args.max_new_tokens),
         "sd2_spec": lambda ids: ours_spec.generate(ids, args.max_new_tokens),
+        "hf_assisted_fp16_drafter": lambda ids: hf_assisted_generate(target, drafter16, ids, gamma=args.gamma,
+                                                                     max_new_tokens=args.max_new_tokens),
+        "sd2_spec_fp16_drafter": lambda ids: ours_spec16.generate(ids, args.max_new_tokens),
     }
     for fn in methods.values():  # warm-up
         fn(prompts[0][:32])
@@ -92,14 +99,21 @@ def main() -> None:
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "tokens_per_s_median": med,
         "mal_sd2": mal_ours, "mal_hf_assisted": metrics.mal(last["hf_assisted"]),
+        "mal_sd2_fp16_drafter": metrics.mal(last["sd2_spec_fp16_drafter"]),
+        "mal_hf_assisted_fp16_drafter": metrics.mal(last["hf_assisted_fp16_drafter"]),
         "sd2_vs_hf_assisted": med["sd2_spec"] / med["hf_assisted"],
+        "sd2_fp16_drafter_vs_hf_assisted": med["sd2_spec_fp16_drafter"] / med["hf_assisted"],
+        "sd2_fp16_drafter_vs_hf_assisted_fp16_drafter": med["sd2_spec_fp16_drafter"] / med["hf_assisted_fp16_drafter"],
+        "measured_speedup_fp16_drafter": med["sd2_spec_fp16_drafter"] / med["sd2_target_only"],
         "measured_speedup": med["sd2_spec"] / med["sd2_target_only"],
         "cost_ratio": c, "theoretical_speedup": theo,
         "measured_over_theoretical": (med["sd2_spec"] / med["sd2_target_only"]) / theo,
         "lossless_sd2": [x.tokens for x in last["sd2_spec"]] == ref,
+        "lossless_sd2_fp16_drafter": [x.tokens for x in last["sd2_spec_fp16_drafter"]] == ref,
         "lossless_hf_assisted": [x.tokens for x in last["hf_assisted"]] == ref,
         "sd2_target_only_equals_hf_greedy": [x.tokens for x in last["hf_target_only"]] == ref,
-        "torch": torch.__version__, "numeric_path": "fp32, stock torch CPU GEMM",
+        "torch": torch.__version__, "numeric_path": "fp32 target (stock torch CPU GEMM); *_fp16_drafter: "
+                                                    "fbgemm fp16-packed drafter",
     }
     print(json.dumps(report, indent=2))
 
