@@ -368,6 +368,20 @@ def compare_cmd(
     _print_compare(parent, experiment, fmt)
 
 
+@app.command("export")
+@_cli
+def export_cmd(
+    run: str = typer.Option(..., help="MLflow run id, or models:/sd2-drafter-<target>@champion"),
+    out: Path = typer.Option(..., help="output HF model dir"),
+    overwrite: bool = typer.Option(False),
+):
+    """A self-contained HF drafter dir (safetensors, tokenizer, README with metrics and lineage)."""
+    from sd2.tracking import export_drafter
+
+    _orchestration_env()
+    typer.echo(f"exported {export_drafter(run, out, overwrite)}")
+
+
 @app.command("ui")
 @_cli
 def ui_cmd(

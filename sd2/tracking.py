@@ -235,3 +235,58 @@ def compare(experiment: str | None = None, parent_run_id: str | None = None) -> 
         if c in df:
             out[c.split("params.")[1]] = df[c]
     return out.sort_values("theoretical_speedup", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def export_drafter(ref: str, out: str | Path, overwrite: bool = False) -> Path:
+    """`sd2 export`: a self-contained HF drafter dir from an MLflow run id or `models:/NAME@ALIAS` (or /VERSION),
+    with a README holding its metrics and lineage."""
+    import shutil
+
+    import mlflow
+
+    from sd2.models import check_output_dir
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    mlflow, client = _client()
+    if ref.startswith("models:/"):
+        name, _, sel = ref[len("models:/"):].partition("@")
+        try:
+            mv = client.get_model_version_by_alias(name, sel) if sel else client.get_model_version(
+                *ref[len("models:/"):].split("/", 1))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"--run {ref}: no such registered model version ({str(exc).splitlines()[0]})") from None
+        run_id, source, local = mv.run_id, mv.source, mv.tags.get("sd2.model_dir")
+    else:
+        try:
+            run = client.get_run(ref)
+        except Exception:  # noqa: BLE001
+            raise UserError(f"--run {ref}: no such MLflow run in {tracking_uri()}") from None
+        run_id, source, local = ref, None, run.data.tags.get("sd2.model_dir")
+    run = client.get_run(run_id)
+    tmp = out.with_name(f".{out.name}.export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if local and Path(local).is_dir():
+        shutil.copytree(local, tmp)
+    elif source:
+        shutil.copytree(mlflow.artifacts.download_artifacts(artifact_uri=source), tmp)
+    else:
+        raise UserError(f"--run {ref}: the run's model dir {local!r} is not on this machine and it is not registered")
+    for junk in ("training_args.bin",):
+        (tmp / junk).unlink(missing_ok=True)
+    m = run.data.metrics
+    lines = [f"# sd2 drafter `{run.data.tags.get('sd2.drafter', run_id)}`", "",
+             f"Speculative-decoding drafter exported by sd2 from MLflow run `{run_id}` ({tracking_uri()}).", "",
+             "| metric | value |", "|---|---|"]
+    for k in ("mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token", "cost_ratio",
+              "theoretical_speedup", "speedup"):
+        if k in m:
+            lines.append(f"| {k} | {m[k]:.4g} |")
+    lines += ["", "## Lineage", ""] + [f"- `{k}`: {v}" for k, v in sorted(run.data.params.items())]
+    lines += ["", "## Use it", "", "See docs/deploy.md of sd2: HF `generate(assistant_model=...)`, vLLM "
+              "`speculative_config={\"method\": \"draft_model\", ...}`, SGLang `--speculative-draft-model-path`."]
+    (tmp / "README.md").write_text("\n".join(lines) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -42,6 +42,9 @@ def build_examples(ds, tok, seq_len: int, packing: bool = False) -> tuple[list[d
     for row in ds:
         p = encode_prompt(tok, row["prompt"])
         r = tok.encode(row["response"], add_special_tokens=False) + ([eos] if eos is not None else [])
+        if packing:  # whole examples are concatenated, then cut into seq_len blocks below
+            examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
+            continue
         if len(p) >= seq_len - 1:
             dropped += 1
             continue

@@ -184,3 +184,14 @@ def test_stray_zeros_are_not_masks_but_recorded_layers_are():
     assert not SparsityMasks.from_model(m)
     sm = SparsityMasks.from_model(m, pruned_layers={"model.layers.0.mlp.up_proj"})
     assert list(sm.masks) == ["model.layers.0.mlp.up_proj"]
+
+
+def test_packing_fills_blocks_and_keeps_label_masks(tok300):
+    ds = [{"prompt": f"the quick fox {i}", "response": "jumps over the lazy dog"} for i in range(10)]
+    plain, _ = build_examples(ds, tok300, 64)
+    packed, _ = build_examples(ds, tok300, 16, packing=True)
+    total = sum(len(e["input_ids"]) for e in plain)
+    assert sum(len(e["input_ids"]) for e in packed) == total
+    assert all(len(e["input_ids"]) == 16 for e in packed[:-1])
+    flat_labels = [t for e in packed for t in e["labels"]]
+    assert flat_labels == [t for e in plain for t in e["labels"]]
