@@ -91,6 +91,12 @@ def distill_cmd(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
+    backend: str = typer.Option("hf", help="hf (in-process) | openai (an OpenAI-compatible server)"),
+    base_url: list[str] = typer.Option([], help="server URL; repeat for data-parallel servers"),
+    api_key_env: Optional[str] = typer.Option(None, help="env var that holds the API key"),
+    concurrency: int = typer.Option(8, help="concurrent requests (openai)"),
+    api: str = typer.Option("chat", help="chat | completions (openai)"),
+    served_model: Optional[str] = typer.Option(None, help="model name on the server (default: --target)"),
     allow_pickle: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
 ):
@@ -101,6 +107,8 @@ def distill_cmd(
     cfg = DistillConfig.build(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
                               temperature=temperature, seed=seed, threads=threads, overwrite=overwrite,
+                              backend=backend, base_urls=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                              api=api, served_model=served_model,
                               load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     path = distill(cfg)
     manifest = json.loads((path / "sd2_manifest.json").read_text())

@@ -78,6 +78,15 @@ class DistillConfig(_Base):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     overwrite: bool = False
+    backend: Literal["hf", "openai"] = Field("hf", description="hf: in-process generate; openai: any "
+                                             "OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve)")
+    base_urls: list[str] = Field(default_factory=list, description="server URLs (several = data-parallel servers)")
+    api_key_env: str | None = Field(None, description="name of the env var holding the API key (never logged)")
+    concurrency: int = Field(8, ge=1, description="concurrent requests (openai backend)")
+    api: Literal["chat", "completions"] = "chat"
+    served_model: str | None = Field(None, description="model name on the server (default: --target)")
+    request_timeout: float = Field(300.0, gt=0)
+    max_retries: int = Field(4, ge=0)
     load: ModelLoadOptions = ModelLoadOptions()
 
 

@@ -79,14 +79,52 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
 
 
 def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
-    return {"target": cfg.target, "target_digest": target_digest, "prompts": str(cfg.prompts),
-            "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
-            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-            "temperature": cfg.temperature, "seed": cfg.seed}
+    key = {"target": cfg.target, "target_digest": target_digest, "prompts": str(cfg.prompts),
+           "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
+           "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+           "temperature": cfg.temperature, "seed": cfg.seed, "backend": cfg.backend}
+    if cfg.backend == "openai":
+        key.update(served_model=cfg.served_model or cfg.target, api=cfg.api)
+    return key
+
+
+def _words(text: str) -> list[int]:
+    """Stand-in token ids (word hashes) for the repetition filter when a server returns only text."""
+    return [hash(w) for w in text.split()]
+
+
+def _generator(cfg: DistillConfig):
+    """(generate(requests, seed) → [(text, token ids | None, truncated, error | None)], target digest, info)."""
+    if cfg.mode == "reference":
+        return None, "none (reference answers, no generation)", {}
+    if cfg.backend == "openai":
+        from sd2.serving import OpenAIBackend
+
+        served = cfg.served_model or cfg.target
+        backend = OpenAIBackend(cfg.base_urls, served, api=cfg.api, api_key_env=cfg.api_key_env,
+                                concurrency=cfg.concurrency, timeout=cfg.request_timeout, max_retries=cfg.max_retries)
+        names = backend.check()
+
+        def gen(requests, seed):
+            return backend.generate(requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    seed=seed)
+        return gen, f"served:{served}", {"served_model": served, "served_models": names, "base_urls": backend.urls}
+    model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
+    if tok is None:
+        raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
+
+    def gen(requests, seed):
+        return [(t, ids, tr, None) for t, ids, tr in generate_batch(
+            model, tok, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)]
+    return gen, model_digest(cfg.target), {}
 
 
 def distill(cfg: DistillConfig, progress: bool = True) -> Path:
-    """Run (or resume) self-data distillation; returns the finished dataset dir."""
+    """Run (or resume) self-data distillation; returns the finished dataset dir.
+
+    Requests that fail (server backend) are recorded in their shard and retried on the next run of the same
+    command; everything else is kept.
+    """
     import datasets
 
     out = Path(cfg.out)
@@ -99,15 +137,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
                             f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
     seed_path = Path(str(cfg.prompts))
     seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
-    model = tok = None
-    if cfg.mode == "reference":
-        target_digest = "none (reference answers, no generation)"
-    else:
-        model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle,
-                                trust_remote_code=cfg.load.trust_remote_code)
-        if tok is None:
-            raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
-        target_digest = model_digest(cfg.target)
+    gen, target_digest, backend_info = _generator(cfg)
     key = _run_key(cfg, target_digest, seed_digest)
 
     work = out.with_name(out.name + ".partial")
@@ -124,31 +154,40 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
 
     t0 = time.perf_counter()
     gen_tokens = 0
+    # the server backend sends a whole shard at once (its concurrency bounds the requests in flight)
+    step = cfg.shard_size if cfg.backend == "openai" else cfg.batch_size
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
     with torch_threads(cfg.threads):
         for s in range(n_shards):
             shard_file = shards / f"shard-{s:05d}.jsonl"
             chunk = prompts[s * cfg.shard_size:(s + 1) * cfg.shard_size]
-            if shard_file.exists():
-                bar.update(len(chunk))
-                continue
             rows: list[dict | None] = [None] * len(chunk)
-            # Batch prompts of similar length together (less left padding); rows go back to seed order below.
-            order = sorted(range(len(chunk)), key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
-            for b in range(0, len(order), cfg.batch_size):
-                idx = order[b:b + cfg.batch_size]
+            if shard_file.exists():
+                rows = [json.loads(line) for line in shard_file.read_text().splitlines()]
+                todo = [i for i, r in enumerate(rows) if r.get("error")]  # retry what failed last time
+                bar.update(len(chunk) - len(todo))
+                if not todo:
+                    continue
+            else:
+                todo = list(range(len(chunk)))
+            # Batch prompts of similar length together (less left padding); rows keep the seed order.
+            todo.sort(key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
+            for b in range(0, len(todo), step):
+                idx = todo[b:b + step]
                 batch = [chunk[i] for i in idx]
-                if cfg.mode == "reference":
-                    gens = [(p.reference.strip(), [], False) for p in batch]
+                if gen is None:
+                    gens = [(p.reference.strip(), [], False, None) for p in batch]
                 else:
-                    gens = generate_batch(model, tok, [request_text(p, cfg.mode) for p in batch],
-                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          seed=cfg.seed + s * 100_003 + b)
-                for i, p, (text, toks, truncated) in zip(idx, batch, gens):
+                    gens = gen([request_text(p, cfg.mode) for p in batch], cfg.seed + s * 100_003 + b)
+                for i, p, (text, toks, truncated, error) in zip(idx, batch, gens):
+                    toks = toks if toks is not None else _words(text)
                     gen_tokens += len(toks)
                     rows[i] = {"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
                                "truncated": truncated, "degenerate": is_degenerate(toks)}
+                    if error:
+                        rows[i]["error"] = error
+                        log.warning("request for %s failed: %s", p.id, error)
                 bar.update(len(batch))
             tmp = shard_file.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -157,6 +196,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     seconds = time.perf_counter() - t0
 
     rows = [json.loads(line) for f in sorted(shards.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+    failed = [{"source_id": r["source_id"], "error": r["error"]} for r in rows if r.get("error")]
+    if failed:
+        raise UserError(f"{len(failed)} request(s) failed (first: {failed[0]['source_id']}: {failed[0]['error']}); "
+                        f"the {len(rows) - len(failed)} finished ones are kept in {work} — re-run the same command "
+                        "to retry the failed ones")
     kept, seen = [], set()
     counts = {"seed_records": len(prompts), "empty": 0, "degenerate": 0, "duplicate": 0, "truncated_kept": 0}
     for r in rows:
@@ -176,8 +220,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     if not kept:
         raise UserError(f"distillation produced no usable responses ({counts}); check the target and prompts")
     counts["kept"] = len(kept)
-    manifest = {**key, "counts": counts, "generated_tokens": gen_tokens,
-                "generation_seconds_this_run": round(seconds, 2), "columns": list(COLUMNS) + ["category", "truncated"]}
+    manifest = {**key, **backend_info, "counts": counts, "generated_tokens": gen_tokens,
+                "generation_seconds_this_run": round(seconds, 2),
+                "generated_tokens_per_s_this_run": round(gen_tokens / seconds, 2) if seconds else None,
+                "columns": list(COLUMNS) + ["category", "truncated"]}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
