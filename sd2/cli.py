@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -31,6 +32,13 @@ def _cli(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"sd2: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+                raise
+            where = exc.filename or "a file under the output or cache dirs"
+            typer.echo(f"sd2: error: {where}: {exc.strerror or exc}; free space or fix permissions and re-run "
+                       "(finished work is kept and resumed)", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -246,6 +254,18 @@ def _orchestration_env() -> None:
         if _alive(state.get("pids", [])):
             os.environ.setdefault("PREFECT_API_URL", state["prefect_api_url"])
             os.environ.setdefault("MLFLOW_TRACKING_URI", state["mlflow_url"])
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(api.rstrip("/") + "/health", timeout=5)
+        except OSError as exc:
+            raise UserError(f"PREFECT_API_URL {api}: unreachable ({exc}); start the server (`sd2 ui`) or unset it "
+                            "to use Prefect's embedded API") from None
+    from sd2.tracking import check_reachable
+
+    check_reachable()
 
 
 def _ui_state_file() -> Path:

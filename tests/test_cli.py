@@ -137,3 +137,25 @@ def test_eval_fast_path(tiny, tmp_path):
     assert res["lossless"] is True and "fp16" in res["numeric_path"]
     code, text = _run(*_eval_args(tiny, tmp_path / "g.json", "--fast-path", "int3"))
     assert code == 2 and "fast-path" in text and not (tmp_path / "g.json").exists()
+
+
+def test_unreachable_servers_one_line(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
+    code, text = _run("compare")
+    assert code == 2 and "MLFLOW_TRACKING_URI" in text and len(text.strip().splitlines()) == 1
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{dead}/api")
+    code, text = _run("pipeline", "--config", str(tmp_path / "none.yaml"))
+    assert code == 2 and "PREFECT_API_URL" in text
+
+
+def test_unwritable_output_is_one_line(tiny):
+    """sysfs refuses new files even to root: the permission error names the path, on one line."""
+    code, text = _run("layer-prune", "--model", tiny / "target", "--keep-layers", "0", "--out", "/sys/sd2-test/x")
+    assert code == 2, text
+    assert "/sys/sd2-test" in text and len(text.strip().splitlines()) == 1
