@@ -23,7 +23,8 @@ def _cli(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.INFO, format="[sd2] %(message)s", stream=sys.stderr)
+        logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s", stream=sys.stderr)
+        logging.getLogger("sd2").setLevel(logging.INFO)  # our progress lines; not every HTTP request of httpx
         try:
             from transformers.utils import logging as hf_logging
 
