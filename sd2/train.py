@@ -303,8 +303,8 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
                        callbacks=[_Masker()] if masks else [])
     resume_from = None
     if cfg.resume:
-        ckpts = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume_from = str(ckpts[-1]) if ckpts else None
+        last = last_complete_checkpoint(work / "checkpoints")
+        resume_from = str(last) if last else None
         if resume_from:
             log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -338,6 +338,25 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         os.replace(final_tmp, out)
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose files were all written (a run killed while saving leaves a partial one).
+    HF writes trainer_state.json last; DeepSpeed keeps weights and optimizer in global_step*/."""
+    ckpts = sorted(Path(ckpt_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for c in ckpts:
+        deepspeed_state = any(c.glob("global_step*"))
+        weights = deepspeed_state or any(c.glob("*.safetensors"))
+        optimizer = deepspeed_state or (c / "optimizer.pt").exists()
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+            state_ok = True
+        except (OSError, ValueError):
+            state_ok = False
+        if weights and optimizer and state_ok:
+            return c
+        log.warning("skipping incomplete checkpoint %s", c)
+    return None
 
 
 def _pruned_layers(init: str) -> set[str]:

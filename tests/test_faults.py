@@ -1,0 +1,94 @@
+"""Fault injection with real processes: SIGKILL during self-distillation and training, then the same command
+again; the final artifacts must equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+from sd2.models import load_model, save_model
+from sd2.train import last_complete_checkpoint
+from tests.conftest import make_llama
+
+SD2 = [sys.executable, "-m", "sd2.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _kill_when(cmd, cond, timeout=240):
+    """Start cmd, SIGKILL it as soon as cond() holds; returns True if it was killed (False if it finished first)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise TimeoutError(cmd)
+
+
+def test_sigkill_during_distill_then_resume(tiny_model_dir, seed_file, tmp_path):
+    args = ["distill", "--target", str(tiny_model_dir), "--prompts", str(seed_file), "--max-new-tokens", "48",
+            "--batch-size", "1", "--shard-size", "2", "--threads", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run([*SD2, *args, "--out", str(ref)], env=_env(), check=True, capture_output=True)
+    out = tmp_path / "ds"
+    shards = out.with_name("ds.partial") / "shards"
+    killed = _kill_when([*SD2, *args, "--out", str(out)], lambda: len(list(shards.glob("shard-*.jsonl"))) >= 2)
+    assert killed, "distillation finished before the kill"
+    assert not out.exists()  # nothing that looks finished
+    before = {f.name: f.stat().st_mtime_ns for f in shards.glob("shard-*.jsonl")}
+    r = subprocess.run([*SD2, *args, "--out", str(out)], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert datasets.load_from_disk(str(out)).to_list() == datasets.load_from_disk(str(ref)).to_list()
+    man = json.loads((out / "sd2_manifest.json").read_text())
+    ref_man = json.loads((ref / "sd2_manifest.json").read_text())
+    assert man["generated_tokens"] < ref_man["generated_tokens"]  # finished shards were not redone
+    assert len(before) >= 2
+
+
+def test_sigkill_during_training_then_resume(tmp_path, tok300):
+    init = tmp_path / "init"
+    save_model(make_llama(len(tok300), layers=4, seed=5, eos=tok300.eos_token_id, hidden=192), tok300, init)
+    rows = [{"prompt": f"the quick fox {i}", "response": "jumps over the lazy dog. " * 6} for i in range(64)]
+    data = tmp_path / "data"
+    datasets.Dataset.from_list(rows).save_to_disk(str(data))
+    args = ["train", "--init", str(init), "--data", str(data), "--max-steps", "24", "--save-steps", "4",
+            "--batch-size", "8", "--seq-len", "96", "--lr", "1e-3", "--threads", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run([*SD2, *args, "--out", str(ref)], env=_env(), check=True, capture_output=True)
+    out = tmp_path / "m"
+    ck = tmp_path / "m.partial" / "checkpoints"
+    killed = _kill_when([*SD2, *args, "--out", str(out)], lambda: (ck / "checkpoint-12" / "trainer_state.json").exists())
+    assert killed, "training finished before the kill"
+    assert not out.exists()
+    # a checkpoint torn while being written is skipped on resume
+    torn = ck / "checkpoint-999"
+    shutil.copytree(ck / "checkpoint-12", torn)
+    (torn / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(ck).name != "checkpoint-999"
+    r = subprocess.run([*SD2, *args, "--out", str(out), "--resume"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((out / "sd2_train.json").read_text())
+    assert info["global_step"] == 24
+    a, _ = load_model(str(ref))
+    b, _ = load_model(str(out))
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-4, rtol=1e-3, msg=n)
