@@ -202,12 +202,17 @@ def _run_link(target: str):
     uri = tracking.tracking_uri()
 
     def link(run_id: str) -> str:
+        if run_id.startswith(tracking.PENDING_PREFIX):
+            return f"{run_id} (MLflow was unreachable: run `sd2 sync`)"
         if uri.startswith("http"):
             import mlflow
 
             mlflow.set_tracking_uri(uri)
-            exp = mlflow.get_experiment_by_name(tracking.experiment_name(target))
-            return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+            try:
+                exp = mlflow.get_experiment_by_name(tracking.experiment_name(target))
+                return f"[{run_id[:8]}]({uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{run_id})"
+            except Exception:  # noqa: BLE001 - a link is not worth failing the run
+                return run_id
         return f"{run_id} (mlflow ui --backend-store-uri {uri})"
     return link
 

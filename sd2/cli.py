@@ -411,6 +411,16 @@ def export_cmd(
     typer.echo(f"exported {export_drafter(run, out, overwrite)}")
 
 
+@app.command("sync")
+@_cli
+def sync_cmd():
+    """Send tracking calls journaled while the MLflow server was unreachable."""
+    from sd2.tracking import sync
+
+    _orchestration_env()
+    typer.echo(f"sent {sync()} journaled call(s) to the tracking server")
+
+
 @app.command("ui")
 @_cli
 def ui_cmd(

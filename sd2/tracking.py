@@ -52,6 +52,10 @@ def git_sha() -> str | None:
 def _client():
     import mlflow
 
+    # Fail over to the local journal in seconds, not after MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return mlflow, mlflow.MlflowClient(uri)
@@ -71,7 +75,7 @@ def check_reachable() -> None:
                         "to use the local SQLite store") from None
 
 
-def start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
+def _start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
     """Create the parent run of a pipeline or sweep; returns its run id (the run is left open for children)."""
     mlflow, client = _client()
     exp = mlflow.set_experiment(experiment_name(target))
@@ -82,7 +86,7 @@ def start_parent(target: str, name: str, tags: dict | None = None, params: dict 
     return run.info.run_id
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
+def _end_run(run_id: str, status: str = "FINISHED") -> None:
     _, client = _client()
     client.set_terminated(run_id, status)
 
@@ -112,7 +116,7 @@ def eval_metrics(res: dict) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if v is not None and v == v}
 
 
-def log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: dict,
+def _log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: dict,
                     records: pd.DataFrame | None = None, model_dir: str | Path | None = None,
                     dataset_dir: str | Path | None = None, extra_tags: dict | None = None) -> str:
     """One child run per drafter: params, metrics, train loss by step, artifacts; returns the run id."""
@@ -176,7 +180,7 @@ def _log_dataset(run_id: str, path: Path) -> None:
         mlflow.log_input(ds, context="training")
 
 
-def log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict | None = None) -> None:
+def _log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict | None = None) -> None:
     _, client = _client()
     for f in files:
         client.log_artifact(parent_id, str(f))
@@ -184,7 +188,7 @@ def log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict 
         client.log_metric(parent_id, k, float(v))
 
 
-def register_champion(target: str, run_ids: list[str]) -> dict | None:
+def _register_champion(target: str, run_ids: list[str]) -> dict | None:
     """Register the drafter with the best theoretical speedup and point alias `champion` at it."""
     _, client = _client()
     runs = [client.get_run(r) for r in run_ids]
@@ -290,3 +294,142 @@ def export_drafter(ref: str, out: str | Path, overwrite: bool = False) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Offline journal: when the tracking server is unreachable mid-run, calls are recorded under
+# <runs dir>/pending/ (files copied there) and replayed by `sd2 sync`, or automatically by the next call that
+# finds the server back. Run ids handed out meanwhile are "pending-<uuid>" placeholders, resolved on replay.
+
+PENDING_PREFIX = "pending-"
+
+
+def _pending_dir() -> Path:
+    return Path(os.environ.get("SD2_RUNS_DIR", RUNS_DIR)).resolve() / "pending"
+
+
+def _journal() -> Path:
+    return _pending_dir() / "journal.jsonl"
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    text = str(exc)
+    return any(t in text for t in ("Max retries exceeded", "Connection refused", "Failed to establish",
+                                   "API request to", "Read timed out"))
+
+
+def _record(op: str, kwargs: dict) -> str | None:
+    import shutil
+    import uuid
+
+    entry_id = uuid.uuid4().hex
+    files = _pending_dir() / "files" / entry_id
+    kw = dict(kwargs)
+    if isinstance(kw.get("records"), pd.DataFrame):
+        files.mkdir(parents=True, exist_ok=True)
+        kw["records"].to_csv(files / "records.csv", index=False)
+        kw["records"] = str(files / "records.csv")
+    if kw.get("files"):
+        files.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for f in kw["files"]:
+            shutil.copy(f, files / Path(f).name)
+            copied.append(str(files / Path(f).name))
+        kw["files"] = copied
+    result = f"{PENDING_PREFIX}{entry_id}" if op in ("start_parent", "log_drafter_run") else None
+    _pending_dir().mkdir(parents=True, exist_ok=True)
+    with _journal().open("a") as f:
+        f.write(json.dumps({"op": op, "kwargs": kw, "result": result}, default=str) + "\n")
+    return result
+
+
+def _has_pending(kwargs: dict) -> bool:
+    vals = [kwargs.get("parent_id"), kwargs.get("run_id"), *(kwargs.get("run_ids") or [])]
+    return any(isinstance(v, str) and v.startswith(PENDING_PREFIX) for v in vals)
+
+
+def _call(op: str, fn, **kwargs):
+    """Call the tracking server, or journal the call when the server is unreachable (or the call refers to a
+    run that only exists in the journal so far). A journal left by an earlier outage is replayed first."""
+    if _journal().exists():
+        try:
+            sync()
+        except Exception:  # noqa: BLE001 - still offline: keep journaling
+            pass
+    if _has_pending(kwargs):
+        return _record(op, kwargs)
+    try:
+        return fn(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if not _is_offline_error(exc):
+            raise
+        import logging
+
+        logging.getLogger(__name__).warning("MLflow unreachable (%s): %s kept in %s; `sd2 sync` sends it",
+                                            exc.__class__.__name__, op, _pending_dir())
+        return _record(op, kwargs)
+
+
+def start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
+    return _call("start_parent", _start_parent, target=target, name=name, tags=tags, params=params)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    return _call("end_run", _end_run, run_id=run_id, status=status)
+
+
+def log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: dict,
+                    records: pd.DataFrame | None = None, model_dir=None, dataset_dir=None,
+                    extra_tags: dict | None = None) -> str:
+    return _call(
+        "log_drafter_run", _log_drafter_run, parent_id=parent_id, target=target, name=name, params=params, res=res, records=records,
+        model_dir=str(model_dir) if model_dir else None, dataset_dir=str(dataset_dir) if dataset_dir else None,
+        extra_tags=extra_tags)
+
+
+def log_parent_artifacts(parent_id: str, files: list, metrics: dict | None = None) -> None:
+    return _call(
+        "log_parent_artifacts", _log_parent_artifacts, parent_id=parent_id, files=[str(f) for f in files], metrics=metrics)
+
+
+def register_champion(target: str, run_ids: list[str]) -> dict | None:
+    return _call("register_champion", _register_champion, target=target, run_ids=run_ids)
+
+
+def sync() -> int:
+    """Replay the offline journal against the tracking server; returns the number of calls sent."""
+    import shutil
+
+    journal = _journal()
+    if not journal.exists():
+        return 0
+    entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    ids_file = _pending_dir() / "resolved.json"
+    resolved: dict = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    sent = 0
+    fns = {"start_parent": _start_parent, "end_run": _end_run, "log_drafter_run": _log_drafter_run,
+           "log_parent_artifacts": _log_parent_artifacts, "register_champion": _register_champion}
+    for i, e in enumerate(entries):
+        if e.get("done"):
+            continue
+        kw = dict(e["kwargs"])
+        for k in ("parent_id", "run_id"):
+            if kw.get(k) in resolved:
+                kw[k] = resolved[kw[k]]
+        if kw.get("run_ids"):
+            kw["run_ids"] = [resolved.get(r, r) for r in kw["run_ids"]]
+        if isinstance(kw.get("records"), str):
+            kw["records"] = pd.read_csv(kw["records"])
+        out = fns[e["op"]](**kw)
+        if e.get("result"):
+            resolved[e["result"]] = out
+            ids_file.write_text(json.dumps(resolved))
+        e["done"] = True
+        journal.write_text("".join(json.dumps(x, default=str) + "\n" for x in entries))
+        sent += 1
+    shutil.rmtree(_pending_dir(), ignore_errors=True)
+    return sent
