@@ -4,8 +4,10 @@ result, through Prefect's cache or, if that cache is gone, by finding the finish
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import task
@@ -47,6 +49,28 @@ def _key_fn(stage: str, inputs: tuple[str, ...]):
     return fn
 
 
+def gpu_slot():
+    """A slot of the global concurrency limit `gpu` inside a Prefect run; nothing when called as plain code."""
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return nullcontext()
+    return concurrency("gpu", occupy=1, strict=False)
+
+
+@contextmanager
+def stage_lock(out: Path):
+    """Exclusive lock on one stage output: two sweeps (or workers) sharing SD2_HOME compute it once; the
+    second waits, then finds it done."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _done(d: Path) -> bool:
     return d.is_dir() and ((d / "config.json").exists() or (d / "sd2_manifest.json").exists()
                            or (d / "eval.json").exists())
@@ -64,11 +88,12 @@ def distill_task(target: str, prompts: str, mode: str, limit: int, max_new_token
     key = stage_key("distill", dict(mode=mode, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     threads=threads, seed=seed), {"target": target, "prompts": prompts})
     out = stage_dir("distill", key)
-    if not _done(out):
-        with concurrency("gpu", occupy=1, strict=False):
-            distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
-                                  overwrite=True), progress=False)
+    with stage_lock(out):
+        if not _done(out):
+            with gpu_slot():
+                distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
+                                      overwrite=True), progress=False)
     return str(out)
 
 
@@ -77,8 +102,9 @@ def derive_task(target: str, keep_layers: str) -> str:
     from sd2.prune.layers import layer_prune_to_dir
 
     out = stage_dir("derive", stage_key("derive", {"keep_layers": keep_layers}, {"target": target}))
-    if not _done(out):
-        layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True)
+    with stage_lock(out):
+        if not _done(out):
+            layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True)
     return str(out)
 
 
@@ -91,11 +117,12 @@ def train_task(init: str, data: str, max_steps: int, batch_size: int, seq_len: i
     key = stage_key("train", dict(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                                   threads=threads, seed=seed), {"init": init, "data": data})
     out = stage_dir("train", key)
-    if not _done(out):
-        with concurrency("gpu", occupy=1, strict=False):
-            train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size,
-                              seq_len=seq_len, lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1),
-                              overwrite=True), progress=False)
+    with stage_lock(out):
+        if not _done(out):
+            with gpu_slot():
+                train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size,
+                                  seq_len=seq_len, lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1),
+                                  overwrite=True), progress=False)
     return str(out)
 
 
@@ -107,11 +134,12 @@ def prune_task(model: str, method: str, pattern: str, sparsity: float, calib: st
     key = stage_key("prune", dict(method=method, pattern=pattern, sparsity=sparsity, calib_samples=calib_samples,
                                   seq_len=seq_len, threads=threads), {"model": model, "calib": calib})
     out = stage_dir("prune", key)
-    if not _done(out):
-        with concurrency("gpu", occupy=1, strict=False):
-            prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity,
-                         pattern=pattern, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
-                         threads=threads, overwrite=True, progress=False)
+    with stage_lock(out):
+        if not _done(out):
+            with gpu_slot():
+                prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity,
+                             pattern=pattern, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
+                             threads=threads, overwrite=True, progress=False)
     return str(out)
 
 
@@ -123,9 +151,10 @@ def layer_match_task(model: str, reference: str, calib: str, calib_samples: int,
     key = stage_key("layers", dict(calib_samples=calib_samples, seq_len=seq_len, strategy=strategy),
                     {"model": model, "reference": reference, "calib": calib})
     out = stage_dir("layers", key)
-    if not _done(out):
-        layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib,
-                           calib_samples=calib_samples, seq_len=seq_len, overwrite=True)
+    with stage_lock(out):
+        if not _done(out):
+            layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib,
+                               calib_samples=calib_samples, seq_len=seq_len, overwrite=True)
     return str(out)
 
 
@@ -140,14 +169,15 @@ def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma:
                                  temperature=temperature, seed=seed),
                     {"target": target, "drafter": drafter, "prompts": prompts})
     out = stage_dir("eval", key)
-    if not _done(out):
-        with concurrency("gpu", occupy=1, strict=False):
-            res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
-                                          max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
-                                          seed=seed), progress=False)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        df.to_csv(tmp / "records.csv", index=False)
-        write_json(res, tmp / "eval.json")
-        tmp.rename(out)
+    with stage_lock(out):
+        if not _done(out):
+            with gpu_slot():
+                res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
+                                              max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
+                                              seed=seed), progress=False)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            df.to_csv(tmp / "records.csv", index=False)
+            write_json(res, tmp / "eval.json")
+            tmp.rename(out)
     return str(out)

@@ -92,3 +92,24 @@ def test_sigkill_during_training_then_resume(tmp_path, tok300):
     b, _ = load_model(str(out))
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-4, rtol=1e-3, msg=n)
+
+
+def test_two_sweeps_share_a_stage_without_corruption(tiny_model_dir, tmp_path):
+    """Two processes ask for the same prune cell at once: one computes it, the other waits and reuses it."""
+    code = (
+        "import sys, time; from tasks.stages import prune_task; t=time.time(); "
+        "p = prune_task.fn(sys.argv[1], 'magnitude', 'unstructured', 0.5, None, 4, 32); "
+        "print(p, time.time()-t)"
+    )
+    env = dict(_env(), SD2_HOME=str(tmp_path / "home"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    paths = {o[0].strip().splitlines()[-1].split()[0] for o in outs}
+    assert len(paths) == 1
+    out = Path(paths.pop())
+    m, _ = load_model(str(out))
+    assert json.loads((out / "sparsity.json").read_text())["sparsity"] > 0.49
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
