@@ -126,18 +126,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config = loaded.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / _DONE).write_text(json.dumps({"source": gguf.name, "sha256": _sha256(gguf), "version": CACHE_VERSION}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    marker = json.dumps({"source": gguf.name, "sha256": _sha256(gguf), "version": CACHE_VERSION})
+    save_model(model, tok, out, overwrite=True, extra_files={_DONE: marker})
 
 
 def packaged_dir(alias: str) -> Path:

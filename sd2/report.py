@@ -58,14 +58,7 @@ def plot_results(df, out_dir) -> list:
         dense = df[df.get("kind", "") == "dense"] if "kind" in df else df.iloc[0:0]
         for _, r in dense.iterrows():
             ax.axhline(float(r["mal"]), ls="--", c="gray", label=f"dense ({r['drafter']})")
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel("MAL")
-        ax.set_title("MAL vs sparsity")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(out_dir / "mal_vs_sparsity.png")
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
+        files.append(_finish(fig, ax, "sparsity", "MAL vs sparsity", out_dir / "mal_vs_sparsity.png"))
     pts = df.dropna(subset=["drafter_macs_per_token", "mal"])
     if len(pts):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -76,14 +69,7 @@ def plot_results(df, out_dir) -> list:
             ax.annotate(str(name), (x / 1e6, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         fx = sorted(xy[i] for i in front)
         ax.plot([x / 1e6 for x, _ in fx], [y for _, y in fx], c="tab:red", marker="s", label="Pareto front")
-        ax.set_xlabel("drafter MACs per token (M)")
-        ax.set_ylabel("MAL")
-        ax.set_title("MAL vs drafter MACs")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(out_dir / "mal_vs_macs.png")
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
+        files.append(_finish(fig, ax, "drafter MACs per token (M)", "MAL vs drafter MACs", out_dir / "mal_vs_macs.png"))
     cat_cols = [c for c in df.columns if c.startswith("mal.")]
     if cat_cols:
         fig, ax = plt.subplots(figsize=(max(6, len(cat_cols) * 0.6), 4))
@@ -93,14 +79,22 @@ def plot_results(df, out_dir) -> list:
                    label=str(r["drafter"]))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cat_cols))])
         ax.set_xticklabels([c[4:] for c in cat_cols], rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("MAL")
-        ax.set_title("MAL per category")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        files.append(out_dir / "mal_per_category.png")
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
+        files.append(_finish(fig, ax, None, "MAL per category", out_dir / "mal_per_category.png"))
     return files
+
+
+def _finish(fig, ax, xlabel, title, path):
+    import matplotlib.pyplot as plt
+
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel("MAL")
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(df, columns: list[str]) -> str:
