@@ -113,3 +113,42 @@ def test_two_sweeps_share_a_stage_without_corruption(tiny_model_dir, tmp_path):
     assert json.loads((out / "sparsity.json").read_text())["sparsity"] > 0.49
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+def test_sigkill_mid_pipeline_then_rerun_reuses_finished_stages(tiny_model_dir, seed_file, tmp_path):
+    """`sd2 pipeline` killed after the dense drafter is trained: the re-run does not redo distillation or
+    training (same output dirs, untouched), and finishes the sweep and evaluations."""
+    cfg = tmp_path / "p.yaml"
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"question_id": i, "category": "a", "turns": [f"the dog {i}"]}) + "\n"
+                          for i in range(2)))
+    cfg.write_text(json.dumps({"name": "killed", "profile": "tiny", "target": str(tiny_model_dir),
+                               "seed_prompts": str(seed_file), "eval_prompts": str(ev), "drafter_layers": "0,-1",
+                               "layer_baseline": False,
+                               "sweep": {"methods": ["magnitude"], "patterns": ["unstructured"], "sparsities": [0.5]}}))
+    home = tmp_path / "home"
+    env = dict(_env(), SD2_HOME=str(home), SD2_RUNS_DIR=str(tmp_path / "runs"), PREFECT_HOME=str(tmp_path / "pf"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+
+    def trained():
+        return any((d / "config.json").exists() for d in (home / "artifacts" / "train").glob("*")) \
+            if (home / "artifacts" / "train").exists() else False
+
+    proc = subprocess.Popen([*SD2, "pipeline", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not trained() and proc.poll() is None and time.time() - t0 < 400:
+        time.sleep(0.1)
+    assert proc.poll() is None, "pipeline ended before the kill point"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamps = {p: p.stat().st_mtime_ns for stage in ("distill", "train") for p in (home / "artifacts" / stage).glob("*")
+              if p.is_dir()}
+    assert stamps
+    r = subprocess.run([*SD2, "pipeline", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "magnitude-unstructured-0.5" in r.stdout
+    for p, t in stamps.items():
+        assert p.stat().st_mtime_ns == t, f"{p} was redone"
