@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -155,16 +155,17 @@ def prune_sweep(config: SweepConfig) -> list[dict]:
 
 @flow(name="evaluate-drafters", log_prints=True)
 def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, parent_run_id: str | None = None,
-                      dataset: str | None = None, register_champion: bool = True) -> list[dict]:
+                      dataset: str | None = None, register_champion: bool = True, fresh: bool = False) -> list[dict]:
     """Evaluate each drafter against the target (one process each, target-only baseline included), log a child
     MLflow run per drafter, plots on the parent, the champion alias, and a table artifact linking the runs."""
     own_parent = parent_run_id is None
     if own_parent:
         parent_run_id = tracking.start_parent(settings.target, "evaluate-drafters", tags=_prefect_tags())
     rows, run_ids = [], []
+    nonce = datetime.now(timezone.utc).isoformat() if fresh else ""  # a new key: fresh timings, not a cache hit
     for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
         out = Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, settings.gamma,
-                             settings.max_new_tokens, settings.threads))
+                             settings.max_new_tokens, settings.threads, nonce=nonce))
         res = json.loads((out / "eval.json").read_text())
         records = pd.read_csv(out / "records.csv")
         rid = tracking.log_drafter_run(parent_run_id, settings.target, d.name, {**d.params, "drafter_path": d.path,
@@ -285,22 +286,7 @@ def nightly_eval(settings: EvalSettings = EvalSettings(), alias: str = "champion
     drafter = DrafterSpec(name=f"{alias}-v{mv.version}", path=path, params={"kind": "nightly", "version": mv.version})
     parent = tracking.start_parent(settings.target, "nightly-eval", tags=_prefect_tags())
     try:
-        with eval_task_refresh():
-            rows = evaluate_drafters([drafter], settings, parent_run_id=parent, register_champion=False)
+        rows = evaluate_drafters([drafter], settings, parent_run_id=parent, register_champion=False, fresh=True)
     finally:
         tracking.end_run(parent)
     return rows
-
-
-class eval_task_refresh:
-    """Within this block, evaluations ignore Prefect's cache (timings must be fresh)."""
-
-    def __enter__(self):
-        self._old = os.environ.get("PREFECT_TASKS_REFRESH_CACHE")
-        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
-
-    def __exit__(self, *exc):
-        if self._old is None:
-            os.environ.pop("PREFECT_TASKS_REFRESH_CACHE", None)
-        else:
-            os.environ["PREFECT_TASKS_REFRESH_CACHE"] = self._old

@@ -202,8 +202,15 @@ def _register_champion(target: str, run_ids: list[str]) -> dict | None:
     except Exception:  # noqa: BLE001 - mlflow raises RestException/MlflowException by backend
         client.create_registered_model(name, description=f"sd2 drafters for {target}; alias champion = best "
                                                          "theoretical speedup")
-    # The registry keeps its own copy: the model files become artifacts of the champion's run.
     model_dir = best.data.tags["sd2.model_dir"]
+    existing = [v for v in client.search_model_versions(f"name='{name}'")
+                if v.run_id == best.info.run_id or v.tags.get("sd2.model_dir") == model_dir]
+    if existing:  # the same drafter won again (e.g. a cached re-run): keep its version
+        mv = existing[0]
+        client.set_registered_model_alias(name, "champion", mv.version)
+        return {"name": name, "version": mv.version, "run_id": best.info.run_id,
+                "drafter": best.data.tags.get("sd2.drafter")}
+    # The registry keeps its own copy: the model files become artifacts of the champion's run.
     client.log_artifacts(best.info.run_id, model_dir, artifact_path="model")
     mv = client.create_model_version(name, source=f"{best.info.artifact_uri.rstrip('/')}/model",
                                      run_id=best.info.run_id,

@@ -160,13 +160,13 @@ def layer_match_task(model: str, reference: str, calib: str, calib_samples: int,
 
 @task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts")), **_COMMON)
 def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
-              threads: int = 1, temperature: float = 0.0, seed: int = 0) -> str:
-    """Evaluates one drafter; returns a dir holding eval.json and records.csv."""
+              threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "") -> str:
+    """Evaluates one drafter; returns a dir holding eval.json and records.csv. A `nonce` forces new timings."""
     from sd2.config import EvalConfig
     from sd2.evaluate import run_eval, write_json
 
     key = stage_key("eval", dict(limit=limit, gamma=gamma, max_new_tokens=max_new_tokens, threads=threads,
-                                 temperature=temperature, seed=seed),
+                                 temperature=temperature, seed=seed, nonce=nonce),
                     {"target": target, "drafter": drafter, "prompts": prompts})
     out = stage_dir("eval", key)
     with stage_lock(out):

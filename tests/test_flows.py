@@ -112,6 +112,17 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     for key in ("distill_task", "train_task", "prune_task", "eval_task", "derive_task"):
         assert states.get(key) and set(states[key]) == {"Cached"}, (key, states)
 
+    # the nightly re-evaluation measures the registered champion afresh (not from the cache)
+    from flows.pipeline import EvalSettings, nightly_eval
+
+    since = datetime.datetime.now(datetime.timezone.utc)
+    rows = nightly_eval(EvalSettings(target=str(tiny_target), prompts=str(eval_file), limit=2, max_new_tokens=6))
+    assert len(rows) == 1 and rows[0]["drafter"] == f"champion-v{champ.version}"
+    assert _task_states(since).get("eval_task") == ["Completed"]
+    runs = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                              filter_string="attributes.run_name = 'nightly-eval'")
+    assert len(runs) == 1
+
 
 def test_sweep_with_an_impossible_cell_runs_the_others(harness, tiny_target, seed_file, eval_file):
     from flows.pipeline import EvalSettings, SweepConfig, prune_sweep

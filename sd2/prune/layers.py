@@ -65,6 +65,9 @@ def keep_layers(model, keep: list[int]):
     return new.eval()
 
 
+_keep = keep_layers  # layer_prune_to_dir's `keep_layers` argument shadows the function
+
+
 def layer_block_distances(model, samples: list[list[int]], n_drop: int) -> list[float]:
     """Mean angular distance arccos(cos(h_l, h_{l+n}))/π between the input of layer l and the output of layer
     l+n−1, over all calibration tokens, for every start l (Gromov et al., 2024)."""
@@ -161,10 +164,8 @@ def layer_prune_to_dir(model_spec: str, out, *, keep_layers: str | None = None, 
         samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if strategy == "angular" else None
         keep = choose_layers(m, num_layers, strategy, samples)
         info["strategy"] = strategy
-    pruned = keep_layers_fn(m, keep)
+    pruned = _keep(m, keep)
     info.update(kept_layers=keep, macs_per_token=macs_per_token(pruned, context)["macs_per_token"])
     save_model(pruned, tok, out, overwrite=overwrite, extra_files={"sd2_layers.json": json.dumps(info, indent=2)})
     return info
 
-
-keep_layers_fn = keep_layers
