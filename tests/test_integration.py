@@ -141,3 +141,33 @@ def test_deploy_trigger_and_read_back(stack, tok300, seed_file):
     alias = httpx.get(f"{ml}/api/2.0/mlflow/registered-models/alias",
                       params={"name": f"sd2-drafter-{target.name}", "alias": "champion"})
     assert alias.status_code == 200, alias.text
+
+
+def test_sd2_ui_starts_both_servers_and_later_commands_use_them(tmp_path):
+    pp, mp = _port(), _port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               SD2_RUNS_DIR=str(tmp_path / "runs"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([str(BIN / "sd2"), "ui", "--prefect-port", str(pp), "--mlflow-port", str(mp)], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    state = json.loads((tmp_path / "runs" / "ui.json").read_text()) if (tmp_path / "runs" / "ui.json").exists() else {}
+    try:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"http://127.0.0.1:{pp}" in r.stdout and f"http://127.0.0.1:{mp}" in r.stdout
+        assert httpx.get(f"http://127.0.0.1:{mp}/health").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{pp}/api/health").status_code == 200
+        # a later command reaches the MLflow server of `sd2 ui`: an experiment that only the server has
+        assert httpx.post(f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/create",
+                          json={"name": "sd2/probe"}).status_code == 200
+        c = subprocess.run([str(BIN / "sd2"), "compare", "--experiment", "sd2/probe", "--format", "json"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert c.returncode == 0, c.stderr[-2000:]
+        assert json.loads(c.stdout) == []
+    finally:
+        import signal
+
+        for pid in state.get("pids", []):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
