@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--settings", default="unstructured:0.5,2:4,unstructured:0.7")
+    ap.add_argument("--settings", default="unstructured@0.5,2:4,unstructured@0.7",
+                    help="comma-separated PATTERN[@SPARSITY] (N:M patterns imply their sparsity)")
     ap.add_argument("--methods", default="sparsegpt,wanda,magnitude")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,8 +67,12 @@ def main() -> None:
     results = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl0, "rel_recon_error": 0.0,
                 "seconds": 0.0}]
     for setting in args.settings.split(","):
-        pattern, _, s = setting.partition(":")
-        sparsity = float(s) if s else 0.5
+        pattern, _, s = setting.partition("@")
+        if pattern == "unstructured":
+            sparsity = float(s or 0.5)
+        else:
+            n, m = (int(x) for x in pattern.split(":"))
+            sparsity = 1 - n / m
         for method in args.methods.split(","):
             m = copy.deepcopy(dense)
             t0 = time.perf_counter()
