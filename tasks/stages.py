@@ -55,7 +55,9 @@ def gpu_slot():
 
     if TaskRunContext.get() is None:
         return nullcontext()
-    return concurrency("gpu", occupy=1, strict=False)
+    # A short lease: a worker killed while holding the slot frees it within a minute, not after Prefect's
+    # default five (the holder renews it every 45 s while alive).
+    return concurrency("gpu", occupy=1, strict=False, lease_duration=60)
 
 
 @contextmanager
