@@ -56,11 +56,15 @@ class SweepConfig(BaseModel):
 
 
 def ensure_gpu_slot() -> None:
-    """Create the global concurrency limit `gpu` (one slot per GPU, one on CPU) if it does not exist yet."""
+    """Create the global concurrency limit `gpu` (one slot per GPU, one on CPU) on a Prefect server."""
+    import os
+
     import torch
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
+    if not os.environ.get("PREFECT_API_URL"):
+        return  # embedded API: one process, nothing to share (see tasks.stages.gpu_slot)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name("gpu")

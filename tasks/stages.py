@@ -50,10 +50,14 @@ def _key_fn(stage: str, inputs: tuple[str, ...]):
 
 
 def gpu_slot():
-    """A slot of the global concurrency limit `gpu` inside a Prefect run; nothing when called as plain code."""
+    """A slot of the global concurrency limit `gpu` when tasks run against a Prefect server (several workers
+    share the GPUs). Nothing in plain code or with the embedded API: there one process runs everything, and
+    its per-process server does not expire the lease of a killed run, which would block the re-run."""
+    import os
+
     from prefect.context import TaskRunContext
 
-    if TaskRunContext.get() is None:
+    if TaskRunContext.get() is None or not os.environ.get("PREFECT_API_URL"):
         return nullcontext()
     # A short lease: a worker killed while holding the slot frees it within a minute, not after Prefect's
     # default five (the holder renews it every 45 s while alive).
