@@ -114,38 +114,43 @@ def _cell_name(c: dict) -> str:
     return f"{c['method']}-{c['pattern'].replace(':', 'of')}-{c['sparsity']:g}"
 
 
+def _failed_cell(log, c: dict, exc: Exception) -> dict:
+    msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    log.error("cell %s failed: %s", _cell_name(c), msg)
+    return {**c, "error": msg}
+
+
 @flow(name="prune-sweep", log_prints=True)
 def prune_sweep(config: SweepConfig) -> list[dict]:
-    """Fan out method × pattern × sparsity cells (tasks here, or deployment runs on a work pool);
-    an impossible cell is reported and the others still run."""
+    """Method × pattern × sparsity cells, one after another in this process, or fanned out as runs of the
+    `sweep-cell` deployment on a work pool; an impossible cell is reported and the others still run."""
     log = get_run_logger()
     ensure_gpu_slot()
     cells = config.grid.cells()
-    futures = []
+    done = []
+    remote = []
     for c in cells:
         params = dict(model=config.drafter, data=config.data, method=c["method"], pattern=c["pattern"],
                       sparsity=c["sparsity"], calib_samples=config.calib_samples, seq_len=config.seq_len,
                       ft_steps=config.ft_steps, batch_size=config.batch_size, lr=config.lr, threads=config.threads)
-        if config.cell_deployment:
-            futures.append((c, _remote_cell.submit(config.cell_deployment, params)))
-        else:
-            pruned = prune_task.submit(params["model"], c["method"], c["pattern"], c["sparsity"], config.data,
-                                       config.calib_samples, config.seq_len, config.threads)
-            final = (train_task.submit(pruned, config.data, config.ft_steps, config.batch_size, config.seq_len,
-                                       config.lr, config.threads) if config.ft_steps else pruned)
-            futures.append((c, (pruned, final)))
-    done = []
-    for c, fut in futures:
+        if config.cell_deployment:  # cells run concurrently on the workers of a pool
+            remote.append((c, _remote_cell.submit(config.cell_deployment, params)))
+            continue
+        # In-process cells run one after another: loading models in several threads at once is not safe in
+        # transformers (process-global loading state), and on one machine they would share the device anyway.
         try:
-            if isinstance(fut, tuple):
-                pruned, final = fut
-                res = {**c, "pruned": pruned.result(), "model": final.result() if config.ft_steps else pruned.result()}
-            else:
-                res = fut.result()
-            done.append(res)
+            pruned = prune_task(params["model"], c["method"], c["pattern"], c["sparsity"], config.data,
+                                config.calib_samples, config.seq_len, config.threads)
+            final = (train_task(pruned, config.data, config.ft_steps, config.batch_size, config.seq_len, config.lr,
+                                config.threads) if config.ft_steps else pruned)
+            done.append({**c, "pruned": pruned, "model": final})
         except Exception as exc:  # noqa: BLE001 - one bad cell must not sink the sweep
-            log.error("cell %s failed: %s", _cell_name(c), str(exc).splitlines()[0] if str(exc) else exc)
-            done.append({**c, "error": str(exc).splitlines()[0] if str(exc) else repr(exc)})
+            done.append(_failed_cell(log, c, exc))
+    for c, fut in remote:
+        try:
+            done.append(fut.result())
+        except Exception as exc:  # noqa: BLE001
+            done.append(_failed_cell(log, c, exc))
     if config.eval is not None:
         drafters = [DrafterSpec(name=_cell_name(r), path=r["model"],
                                 params={"kind": "sparse", "prune": {k: r[k] for k in ("method", "pattern", "sparsity")},

@@ -82,7 +82,21 @@ def _done(d: Path) -> bool:
                            or (d / "eval.json").exists())
 
 
-_COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], log_prints=True)
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass next time: bad input (UserError) fails at once."""
+    from sd2.errors import UserError
+
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+_COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
+               log_prints=True)
 
 
 @task(name="self-distill", cache_key_fn=_key_fn("distill", ("target", "prompts")), **_COMMON)
