@@ -127,8 +127,10 @@ def test_sigkill_mid_pipeline_then_rerun_reuses_finished_stages(tiny_model_dir, 
                                "layer_baseline": False,
                                "sweep": {"methods": ["magnitude"], "patterns": ["unstructured"], "sparsities": [0.5]}}))
     home = tmp_path / "home"
+    # Prefect's result store must live with this test's SD2_HOME: results cached by another session would
+    # point at that session's (deleted) output dirs.
     env = dict(_env(), SD2_HOME=str(home), SD2_RUNS_DIR=str(tmp_path / "runs"), PREFECT_HOME=str(tmp_path / "pf"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect-results"))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_API_URL", None)
 
@@ -136,12 +138,13 @@ def test_sigkill_mid_pipeline_then_rerun_reuses_finished_stages(tiny_model_dir, 
         return any((d / "config.json").exists() for d in (home / "artifacts" / "train").glob("*")) \
             if (home / "artifacts" / "train").exists() else False
 
+    errlog = tmp_path / "first.err"
     proc = subprocess.Popen([*SD2, "pipeline", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=errlog.open("w"), start_new_session=True)
     t0 = time.time()
     while not trained() and proc.poll() is None and time.time() - t0 < 400:
         time.sleep(0.1)
-    assert proc.poll() is None, "pipeline ended before the kill point"
+    assert proc.poll() is None, f"pipeline ended before the kill point: {errlog.read_text()[-1500:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stamps = {p: p.stat().st_mtime_ns for stage in ("distill", "train") for p in (home / "artifacts" / stage).glob("*")
