@@ -149,9 +149,11 @@ PROFILES: dict[str, dict] = {
     "tiny": dict(distill_limit=8, distill_max_new_tokens=8, train_steps=4, sparse_ft_steps=2, train_batch_size=4,
                  seq_len=64, calib_samples=4, eval_limit=2, eval_max_new_tokens=8, distill_batch_size=4),
     "quick": dict(distill_limit=48, distill_max_new_tokens=64, train_steps=30, sparse_ft_steps=15,
-                  train_batch_size=4, seq_len=192, calib_samples=16, eval_limit=6, eval_max_new_tokens=48),
+                  train_batch_size=4, seq_len=192, calib_samples=16, eval_limit=6, eval_max_new_tokens=48,
+                  distill_batch_size=8),
     "full": dict(distill_limit=1024, distill_max_new_tokens=256, train_steps=1000, sparse_ft_steps=300,
-                 train_batch_size=16, seq_len=512, calib_samples=128, eval_limit=104, eval_max_new_tokens=128),
+                 train_batch_size=16, seq_len=512, calib_samples=128, eval_limit=104, eval_max_new_tokens=128,
+                 distill_batch_size=8),
 }
 
 
@@ -192,7 +194,4 @@ class PipelineConfig(_Base):
         for k, v in PROFILES[self.profile].items():
             if vals.get(k) is None:
                 vals[k] = v
-        vals.setdefault("distill_batch_size", 8)
-        if vals["distill_batch_size"] is None:
-            vals["distill_batch_size"] = 8
         return PipelineConfig(**vals)

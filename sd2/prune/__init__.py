@@ -30,10 +30,14 @@ def matched_linears(model: nn.Module, layer_filter: str = DEFAULT_FILTER) -> dic
     return out
 
 
-def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer_filter: str = DEFAULT_FILTER):
-    """All bad-input checks before any work: returns (nm, linears)."""
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+
+
+def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer_filter: str = DEFAULT_FILTER):
+    """All bad-input checks before any work: returns (nm, linears)."""
+    _check_method(method)
     check_sparsity(sparsity)
     nm = parse_pattern(pattern)
     lins = matched_linears(model, layer_filter)
@@ -97,8 +101,7 @@ def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = 
     check_sparsity(sparsity)
     if calib_samples < 1:
         raise UserError("--calib-samples: must be >= 1")
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    _check_method(method)  # before loading the model: bad input fails fast
     check_output_dir(out, overwrite)
     model, tok = load_model(model_spec)
     validate(model, method, sparsity, pattern, layer_filter)
