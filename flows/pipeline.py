@@ -9,6 +9,7 @@ import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -36,6 +37,13 @@ class EvalSettings(BaseModel):
     gamma: int = Field(4, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     threads: int = Field(1, ge=1)
+    uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
+    more_gammas: list[int] = Field(default_factory=list, description="more γ values, greedy")
+    gamma_mode: Literal["replay", "engine"] = Field(
+        "replay", description="how more_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: limit)")
+    sampling_temperature: float | None = Field(None, gt=0, description="one more run at this temperature")
+    sampling_drafters: list[str] = Field(default_factory=list, description="drafter names for it; empty = all")
 
 
 class SweepConfig(BaseModel):
@@ -172,11 +180,25 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         parent_run_id = tracking.start_parent(settings.target, "evaluate-drafters", tags=_prefect_tags())
     rows, run_ids = [], []
     nonce = datetime.now(timezone.utc).isoformat() if fresh else ""  # a new key: fresh timings, not a cache hit
+    replay = sorted({settings.gamma, *settings.more_gammas}) if (
+        settings.more_gammas and settings.gamma_mode == "replay" and not settings.uag) else None
     for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
-        out = Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, settings.gamma,
-                             settings.max_new_tokens, settings.threads, nonce=nonce))
+        def run(gamma: int, temperature: float = 0.0, **kw) -> Path:
+            return Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, gamma,
+                                  settings.max_new_tokens, settings.threads, temperature=temperature, nonce=nonce,
+                                  uag=settings.uag, **kw))
+
+        out = run(settings.gamma, replay_gammas=replay, replay_limit=settings.replay_limit if replay else None)
         res = json.loads((out / "eval.json").read_text())
         records = pd.read_csv(out / "records.csv")
+        res["extra"] = {}
+        if not replay:
+            for g in settings.more_gammas:
+                if g != settings.gamma:
+                    res["extra"][f"g{g}"] = _brief(run(g))
+        t = settings.sampling_temperature
+        if t and (not settings.sampling_drafters or d.name in settings.sampling_drafters):
+            res["extra"][f"t{t:g}"] = _brief(run(settings.gamma, t))
         rid = tracking.log_drafter_run(parent_run_id, settings.target, d.name, {**d.params, "drafter_path": d.path,
                                        "gamma": settings.gamma, "eval_limit": settings.limit},
                                        res, records, model_dir=d.path, dataset_dir=dataset)
@@ -186,6 +208,8 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
                      **{k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio",
                                             "theoretical_speedup", "speedup", "lossless")},
                      "mal_ci95": f"{res['mal_ci95'][0]:.2f}–{res['mal_ci95'][1]:.2f}",
+                     **{f"mal.g{g}": v["mal"] for g, v in res.get("replay", {}).get("gammas", {}).items()},
+                     **{f"mal.{k}": v["mal"] for k, v in res["extra"].items()},
                      **{f"mal.{c}": v["mal"] for c, v in res["per_category"].items()}, "mlflow_run": rid})
     df = pd.DataFrame(rows)
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,6 +232,14 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
     return rows
 
 
+def _brief(eval_dir: Path) -> dict:
+    """The headline numbers of one more evaluation setting, kept on the drafter's main result."""
+    r = json.loads((eval_dir / "eval.json").read_text())
+    return {k: r.get(k) for k in ("gamma", "temperature", "n_prompts", "max_new_tokens", "mal", "mal_ci95",
+                                  "acceptance_rate", "per_position_acceptance", "cost_ratio", "theoretical_speedup",
+                                  "speedup", "lossless")}
+
+
 def _run_link(target: str):
     uri = tracking.tracking_uri()
 
@@ -227,6 +259,21 @@ def _run_link(target: str):
     return link
 
 
+def _layer_match_cells(cells: list[dict], cfg: PipelineConfig) -> list[dict]:
+    """The sparse cells layer-pruned baselines are matched to: the first method's unstructured cells at the
+    configured sparsities, else the first finished cell."""
+    ok = [c for c in cells if "model" in c]
+    picked = [c for s in cfg.layer_match for c in ok if c["method"] == cfg.sweep.methods[0]
+              and c["pattern"] == "unstructured" and abs(c["sparsity"] - s) < 1e-9]
+    return picked or ok[:1]
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    from sd2.models import load_tokenizer, same_tokenizer
+
+    return same_tokenizer(load_tokenizer(a), load_tokenizer(b))
+
+
 @flow(name="sd2-pipeline", log_prints=True)
 def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
     """The whole loop: self-distill → derived drafter → fine-tune → prune sweep + sparse FT → baselines
@@ -240,32 +287,52 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
     try:
         data = self_distill(cfg.target, seeds, cfg.distill_mode, cfg.distill_limit, cfg.distill_max_new_tokens,
                             cfg.distill_batch_size, cfg.threads)
-        base = derive_task(cfg.target, cfg.drafter_layers)
+        base_model = cfg.drafter_base or cfg.target
+        base = derive_task(base_model, cfg.drafter_layers)
         dense = train_drafter(base, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, grid=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         ft_steps=cfg.sparse_ft_steps, batch_size=cfg.train_batch_size, lr=cfg.lr,
                                         threads=cfg.threads, cell_deployment=cfg.cell_deployment))
-        common = {"init": cfg.target, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
+        common = {"init": base_model, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         drafters = [DrafterSpec(name="derived-untuned", path=base, params={**common, "kind": "untuned",
                                                                            "train.steps": 0}),
                     DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"})]
+        if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
+            ref = self_distill(cfg.target, seeds, "reference", cfg.distill_limit, cfg.distill_max_new_tokens,
+                               cfg.distill_batch_size, cfg.threads)
+            sft = train_drafter(base, ref, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
+            drafters.append(DrafterSpec(name="dense-plain-sft", path=sft, params={
+                **common, "kind": "plain-sft", "distill.mode": "reference"}))
         for c in cells:
             if "model" in c:
                 drafters.append(DrafterSpec(name=_cell_name(c), path=c["model"], params={
                     **common, "kind": "sparse", "prune": {k: c[k] for k in ("method", "pattern", "sparsity")},
                     "sparse_ft.steps": cfg.sparse_ft_steps}))
-        ok = [c for c in cells if "model" in c]
-        if cfg.layer_baseline and ok:
-            lp = layer_match_task(cfg.target, ok[0]["pruned"], data, cfg.calib_samples, cfg.seq_len)
-            lp_ft = train_drafter(lp, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
-            drafters.append(DrafterSpec(name="layer-pruned-matched", path=lp_ft, params={
-                **common, "kind": "layer-pruned", "matched_to": _cell_name(ok[0])}))
-        rows = evaluate_drafters(drafters, EvalSettings(target=cfg.target, prompts=cfg.eval_prompts,
-                                                        limit=cfg.eval_limit, gamma=cfg.gamma,
-                                                        max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads),
-                                 parent_run_id=parent, dataset=data, register_champion=cfg.register_champion)
+        if cfg.layer_baseline:
+            for ref_cell in _layer_match_cells(cells, cfg):
+                if cfg.layer_baseline_from == "dense":  # same budget as a sparse cell: dense training + short FT
+                    lp = layer_match_task(dense, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len)
+                    steps = cfg.sparse_ft_steps
+                else:
+                    lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len)
+                    steps = cfg.train_steps
+                lp_ft = train_drafter(lp, data, steps, cfg.train_batch_size, cfg.seq_len, cfg.lr,
+                                      cfg.threads) if steps else lp
+                drafters.append(DrafterSpec(
+                    name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
+                        **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell),
+                        "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,
+                        "layer_baseline.ft_steps": steps}))
+        uag = base_model != cfg.target and not _same_tokenizer(base_model, cfg.target)
+        settings = EvalSettings(target=cfg.target, prompts=cfg.eval_prompts, limit=cfg.eval_limit, gamma=cfg.gamma,
+                                max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads, uag=uag,
+                                more_gammas=cfg.eval_gammas, gamma_mode="engine" if uag else cfg.eval_gamma_mode,
+                                replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
+                                sampling_drafters=cfg.sampling_drafters)
+        rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
+                                 register_champion=cfg.register_champion)
         failed = [c for c in cells if "error" in c]
         if failed:
             create_markdown_artifact(key="sd2-failed-cells", markdown="\n".join(

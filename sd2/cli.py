@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -12,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from sd2.errors import UserError
+from sd2.errors import UserError, storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-distilled sparse drafters for speculative decoding.")
@@ -34,11 +33,12 @@ def _cli(fn):
         except UserError as exc:
             typer.echo(f"sd2: error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+        except Exception as exc:  # disk full / permission denied, whichever library raised it: one line
+            err = storage_error(exc, kwargs.get("out"))
+            if err is None:
                 raise
-            where = exc.filename or "a file under the output or cache dirs"
-            typer.echo(f"sd2: error: {where}: {exc.strerror or exc}; free space or fix permissions and re-run "
+            where = err.filename or "a file under the output or cache dirs"
+            typer.echo(f"sd2: error: {where}: {err.strerror}; free space or fix permissions and re-run "
                        "(finished work is kept and resumed)", err=True)
             raise typer.Exit(2) from None
 
@@ -65,6 +65,9 @@ def eval_cmd(
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights"),
     trust_remote_code: bool = typer.Option(False),
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),
+    replay_gammas: Optional[str] = typer.Option(
+        None, help="e.g. 2,4,6: greedy MAL at these γ too, by exact replay (one drafter pass per prompt)"),
+    replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
 ):
     """Speculative decoding of every prompt with the drafter, and target-only decoding, in one process."""
     from sd2.config import EvalConfig, ModelLoadOptions
@@ -74,6 +77,7 @@ def eval_cmd(
     cfg = EvalConfig.build(target=target, drafter=drafter, prompts=prompts, categories=categories, limit=limit,
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
+                           replay_gammas=replay_gammas, replay_limit=replay_limit,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")
@@ -238,6 +242,9 @@ def layer_prune_cmd(
     typer.echo(f"kept {len(info['kept_layers'])} of {info['source_layers']} layers {info['kept_layers']} → {out}")
 
 
+LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 def _orchestration_env() -> None:
     """Defaults for the embedded mode (no PREFECT_API_URL): a patient ephemeral-API start-up, Prefect results
     beside sd2's own artifacts, and the servers of a running `sd2 ui` when there is one."""
@@ -397,6 +404,28 @@ def compare_cmd(
     _print_compare(parent, experiment, fmt)
 
 
+@app.command("report")
+@_cli
+def report_cmd(
+    config: list[Path] = typer.Option(..., help="a study's pipeline config (repeatable): its latest finished run "
+                                      "in MLflow is reported"),
+    out: Path = typer.Option(Path("docs/results.md"), help="markdown file; PNG plots are written beside it"),
+    reading: Optional[Path] = typer.Option(None, help="markdown appended as the reading of the results"),
+):
+    """Tables, plots and the paper's claims checked, generated from the MLflow runs of the study pipelines."""
+    import shlex
+
+    from sd2.report import write_results
+
+    _orchestration_env()
+    cmd = "sd2 report " + " ".join([*(f"--config {shlex.quote(str(c))}" for c in config),
+                                    f"--out {shlex.quote(str(out))}",
+                                    *([f"--reading {shlex.quote(str(reading))}"] if reading else [])])
+    files = write_results([str(c) for c in config], str(out), str(reading) if reading else None, command=cmd)
+    for f in files:
+        typer.echo(f"wrote {f}")
+
+
 @app.command("export")
 @_cli
 def export_cmd(
@@ -439,7 +468,9 @@ def ui_cmd(
 
     runs = Path(RUNS_DIR)
     runs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # Leases of concurrency slots on disk: a server that restarts while a stage holds the `gpu` slot lets the
+    # lease expire instead of leaking the slot (the default in-memory leases are lost, the slot stays taken).
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASES)
     env.pop("MLFLOW_TRACKING_URI", None)
     store = tracking_uri() if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http") else \
         f"sqlite:///{(runs / 'mlflow.db').resolve()}"

@@ -51,6 +51,9 @@ class EvalConfig(DecodeConfig):
     context: int = Field(256, ge=0, description="context length at which attention MACs are counted")
     fast_path: Literal["none", "drafter-fp16", "fp16"] = Field(
         "none", description="CPU numeric path: fp16-packed GEMMs for the drafter, or for both models")
+    replay_gammas: list[int] | None = Field(
+        None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")
     load: ModelLoadOptions = ModelLoadOptions()
 
     @field_validator("categories", mode="before")
@@ -58,6 +61,15 @@ class EvalConfig(DecodeConfig):
     def _split(cls, v):
         if isinstance(v, str):
             v = [c.strip() for c in v.split(",") if c.strip()]
+        return v or None
+
+    @field_validator("replay_gammas", mode="before")
+    @classmethod
+    def _split_ints(cls, v):
+        if isinstance(v, str):
+            v = [int(x) for x in v.split(",") if x.strip()]
+        if v and any(int(g) < 1 for g in v):
+            raise ValueError("every γ must be >= 1")
         return v or None
 
 
@@ -168,9 +180,27 @@ class PipelineConfig(_Base):
     eval_prompts: str | None = Field(None, description="evaluation JSONL (default: Spec-Bench)")
     distill_mode: Literal["regenerate", "rewrite"] = "regenerate"
     drafter_layers: str = Field("0-8,-1", description="layers of the target kept in the derived drafter")
+    drafter_base: str | None = Field(
+        None, description="model the drafter is derived from (default: the target); another family's model "
+        "(other tokenizer) makes a Universal Assisted Generation study")
     sweep: SweepGrid = SweepGrid()
-    layer_baseline: bool = Field(True, description="add a layer-pruned drafter with MACs matched to the first cell")
+    sft_baseline: bool = Field(False, description="add a drafter fine-tuned on the seed answers (plain SFT)")
+    layer_baseline: bool = Field(True, description="add layer-pruned drafters with MACs matched to sparse cells")
+    layer_match: list[float] = Field(
+        default_factory=lambda: [0.5], description="sparsities of the first method's unstructured cells that "
+        "layer-pruned drafters are matched to (in MACs); the first cell when none is in the sweep")
+    layer_baseline_from: Literal["dense", "derived"] = Field(
+        "dense", description="dense: drop layers of the self-distilled drafter, then fine-tune as long as a "
+        "sparse cell (same budget); derived: drop layers of the drafter base, then train as long as the dense one")
     gamma: int = Field(4, ge=1)
+    eval_gammas: list[int] = Field(default_factory=list, description="more γ values to evaluate greedily")
+    eval_gamma_mode: Literal["replay", "engine"] = Field(
+        "replay", description="replay: exact greedy replay (one drafter pass per prompt; same tokenizer only); "
+        "engine: a full speculative run per γ (always used for cross-tokenizer drafters)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: eval_limit)")
+    sampling_temperature: float | None = Field(None, gt=0, description="also one sampling run at this temperature")
+    sampling_drafters: list[str] = Field(default_factory=list,
+                                         description="drafters (by name) of the sampling run; empty = all")
     threads: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     register_champion: bool = True

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
 from sd2.data import Prompt, encode_prompt, file_digest, load_prompts
-from sd2.errors import UserError
-from sd2.evaluate import torch_threads, write_json
+from sd2.errors import UserError, writing
+from sd2.evaluate import atomic_write_text, torch_threads, write_json
 from sd2.models import check_output_dir, load_model, model_digest
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
                         rows[i]["error"] = error
                         log.warning("request for %s failed: %s", p.id, error)
                 bar.update(len(batch))
-            tmp = shard_file.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, shard_file)
+            atomic_write_text(shard_file, "".join(json.dumps(r) + "\n" for r in rows))
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -226,8 +224,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
                 "columns": list(COLUMNS) + ["category", "truncated"]}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
-    write_json(manifest, tmp / "sd2_manifest.json")
+    with writing(tmp, out):  # on failure the finished shards stay for the re-run
+        datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
+        write_json(manifest, tmp / "sd2_manifest.json")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -4,6 +4,7 @@ the summary of DESIGN §2 (overall and per category)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
-from sd2.errors import UserError
+from sd2.errors import UserError, writing
 from sd2.fastpath import pack_fp16
-from sd2.models import load_model, same_tokenizer
-from sd2.specdec import DecodeResult, SpecDecoder
+from sd2.models import load_model, model_digest, same_tokenizer, sd2_home
+from sd2.specdec import DecodeResult, SpecDecoder, Step, eos_ids
 
 
 @contextmanager
@@ -42,16 +43,23 @@ def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_toke
 def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt], *, gamma: int = 4,
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, uag: bool = False,
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
-                  fast_path: str = "none") -> tuple[dict, pd.DataFrame]:
+                  fast_path: str = "none", replay_gammas: list[int] | None = None,
+                  replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None
+                  ) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
     `fast_path` packs linear layers in place (see sd2.fastpath); MACs are counted before that.
+    `replay_gammas` adds greedy MAL at other γ by exact replay (see `replay_greedy`) over `replay_prompts`
+    (default: the same prompts), checked against the engine at `gamma` on the prompts both ran.
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
     cross = not same_tokenizer(target_tok, drafter_tok)
     if cross and not uag:
         raise UserError("--drafter: its tokenizer differs from the target's; pass --uag for cross-tokenizer drafting")
+    if replay_gammas and (cross or temperature > 0):
+        raise UserError("--replay-gammas: replay is exact only for greedy decoding with a same-tokenizer drafter; "
+                        "drop it (or evaluate each γ with the engine)")
     tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
     dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
     if fast_path != "none":
@@ -117,7 +125,96 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         s = _summarize([base_res[i] for i in idx], [spec_res[i] for i in idx], sub, gamma)
         out["per_category"][str(cat)] = {"n_prompts": len(idx), "mal": s["mal"],
                                          "acceptance_rate": s["acceptance_rate"], "speedup": s["speedup"]}
+    if replay_gammas:
+        known = {p.id: (p, b.tokens) for p, b in zip(prompts, base_res)}
+        out["replay"] = replay_eval(target, target_tok, drafter, replay_prompts or prompts, replay_gammas,
+                                    max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
+                                    engine_gamma=gamma, seed=seed, progress=progress,
+                                    cache_dir=replay_cache if fast_path != "fp16" else None)
     return out, df
+
+
+@torch.inference_mode()
+def drafter_matches(drafter, prompt: list[int], tokens: list[int]) -> list[bool]:
+    """matches[j]: the drafter's greedy prediction after prompt + tokens[:j] is tokens[j] (one teacher-forced pass)."""
+    if not tokens:
+        return []
+    inp = torch.tensor([prompt + tokens[:-1]], dtype=torch.long, device=drafter.device)
+    pred = drafter(input_ids=inp, logits_to_keep=len(tokens)).logits[0].argmax(-1).tolist()
+    return [p == t for p, t in zip(pred, tokens)]
+
+
+def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_tokens: int,
+                  eos: set[int]) -> DecodeResult:
+    """Greedy speculative decoding replayed from the target's greedy output and the drafter's teacher-forced
+    matches, step for step as SpecDecoder runs it: while drafts match they *are* the target's tokens, so the
+    drafter's prediction there is its teacher-forced one, and a step accepts the run of matches (capped by γ).
+    Exact for MAL, accepted counts and per-position acceptance; `drafted` assumes the drafter does not emit an
+    end-of-sequence token right after a rejected draft (then the engine drafts fewer)."""
+    res = DecodeResult(tokens=list(tokens))
+    n_tok, pos = len(tokens), 0
+    while pos < n_tok:
+        n = min(gamma, max_new_tokens - pos - 1)
+        a = 0
+        while a < n and pos + a < n_tok and matches[pos + a]:
+            a += 1
+            if tokens[pos + a - 1] in eos:  # the drafter stops drafting after an end token
+                break
+        drafted = a if (a and tokens[pos + a - 1] in eos) else max(n, 0)
+        accepted = min(a, n_tok - 1 - pos)
+        res.steps.append(Step(drafted=drafted, accepted=accepted))
+        res.target_passes += 1
+        pos += accepted + 1
+    return res
+
+
+def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list[int], max_new_tokens: int,
+                cost_ratio: float, *, known: dict | None = None, engine: dict | None = None, engine_gamma: int = 4,
+                seed: int = 0, progress: bool = True, cache_dir: Path | None = None) -> dict:
+    """Greedy MAL, acceptance and theoretical speedup at each γ from one target decode and one drafter pass per
+    prompt; `known` target outputs are reused (and others kept in `cache_dir`), and prompts also run by the
+    engine (`engine`) cross-check the replay against it."""
+    known = known or {}
+    base = SpecDecoder(target, None, target_tokenizer=target_tok)
+    eos = eos_ids(target, target_tok)
+    per_prompt = []
+    for p in tqdm(prompts, desc="replay", unit="prompt", disable=not progress):
+        ids = encode_prompt(target_tok, p.text)
+        if p.id in known:
+            tokens = known[p.id][1]
+        else:  # the target's greedy output does not depend on the drafter: computed once per target and prompt
+            f = cache_dir / (hashlib.sha256(json.dumps([ids, max_new_tokens]).encode()).hexdigest()[:24] + ".json") \
+                if cache_dir else None
+            if f is not None and f.exists():
+                tokens = json.loads(f.read_text())
+            else:
+                tokens = base.generate(ids, max_new_tokens).tokens
+                if f is not None:
+                    write_json(tokens, f)
+        per_prompt.append((p, tokens, drafter_matches(drafter, ids, tokens)))
+    out = {"method": "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt",
+           "n_prompts": len(prompts), "gammas": {}}
+    for g in gammas:
+        results = [replay_greedy(m, t, g, max_new_tokens, eos) for _, t, m in per_prompt]
+        mal_g = metrics.mal(results)
+        cats: dict[str, list[DecodeResult]] = {}
+        for (p, _, _), r in zip(per_prompt, results):
+            cats.setdefault(str(p.category), []).append(r)
+        out["gammas"][str(g)] = {
+            "mal": mal_g, "mal_ci95": metrics.bootstrap_ci(results, seed=seed),
+            "acceptance_rate": metrics.acceptance_rate(results),
+            "per_position_acceptance": metrics.per_position_acceptance(results, g),
+            "theoretical_speedup": metrics.theoretical_speedup(mal_g, g, cost_ratio),
+            "per_category": {c: metrics.mal(rs) for c, rs in sorted(cats.items())}}
+    if engine:
+        pairs = [(engine[p.id], replay_greedy(m, t, engine_gamma, max_new_tokens, eos))
+                 for p, t, m in per_prompt if p.id in engine]
+        if pairs:
+            out["engine_check"] = {
+                "gamma": engine_gamma, "n_prompts": len(pairs),
+                "mal_engine": metrics.mal([e for e, _ in pairs]), "mal_replay": metrics.mal([r for _, r in pairs]),
+                "prompts_equal": sum([s.accepted for s in e.steps] == [s.accepted for s in r.steps] for e, r in pairs)}
+    return out
 
 
 def _summarize(base_res: list[DecodeResult], spec_res: list[DecodeResult], df: pd.DataFrame, gamma: int) -> dict:
@@ -137,7 +234,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
         return evaluate_pair(target, ttok, drafter, dtok, prompts, gamma=cfg.gamma,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                              uag=cfg.uag, context=cfg.context, progress=progress,
-                             names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path)
+                             names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path,
+                             replay_gammas=cfg.replay_gammas,
+                             replay_prompts=(load_prompts(cfg.prompts, cfg.categories, cfg.replay_limit)
+                                             if cfg.replay_gammas and cfg.replay_limit else None),
+                             replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]
+                                           if cfg.replay_gammas else None))
 
 
 def _finite(obj):
@@ -151,17 +253,19 @@ def _finite(obj):
     return obj
 
 
-def write_json(obj, path: str | Path) -> Path:
-    """Write JSON atomically (temp file + rename): a reader never sees half a result."""
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
+    with writing(None, path):  # mkstemp itself fails on a read-only or full disk
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with writing(tmp, path):
         with os.fdopen(fd, "w") as f:
-            json.dump(_finite(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def write_json(obj, path: str | Path) -> Path:
+    """Write JSON atomically (temp file + rename): a reader never sees half a result."""
+    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sd2.errors import UserError
+from sd2.errors import UserError, writing
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def save_model(model, tokenizer, out: Path, overwrite: bool = False, extra_files
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
-    try:
+    with writing(tmp, out):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -222,9 +222,6 @@ def save_model(model, tokenizer, out: Path, overwrite: bool = False, extra_files
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_SETTING = re.compile(r"g\d+|t[\d.]+")  # metric suffixes of more γ / sampling runs, not categories
+
 
 def _f(x, nd=2) -> str:
     return "—" if x is None or x != x else f"{x:.{nd}f}"
@@ -70,7 +74,7 @@ def plot_results(df, out_dir) -> list:
         fx = sorted(xy[i] for i in front)
         ax.plot([x / 1e6 for x, _ in fx], [y for _, y in fx], c="tab:red", marker="s", label="Pareto front")
         files.append(_finish(fig, ax, "drafter MACs per token (M)", "MAL vs drafter MACs", out_dir / "mal_vs_macs.png"))
-    cat_cols = [c for c in df.columns if c.startswith("mal.")]
+    cat_cols = [c for c in df.columns if c.startswith("mal.") and not _SETTING.fullmatch(c[4:])]
     if cat_cols:
         fig, ax = plt.subplots(figsize=(max(6, len(cat_cols) * 0.6), 4))
         width = 0.8 / max(len(df), 1)
@@ -108,3 +112,319 @@ def markdown_table(df, columns: list[str]) -> str:
                          (f"{v:.3g}" if isinstance(v, float) and v == v else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study report (docs/results.md): tables, plots and claim checks computed from MLflow runs, never typed in.
+
+PAPER_CLAIMS = {"mal_vs_layer": 1.59, "macs_saved": 0.4387, "mal_lost": 0.0836}
+
+
+def study_runs(parent_name: str) -> tuple[dict, "pd.DataFrame"]:
+    """The latest finished pipeline run named `parent_name` (any sd2/* experiment) and its drafter runs."""
+    from sd2 import tracking
+    from sd2.errors import UserError
+
+    mlflow, _ = tracking._client()
+    names = [e.name for e in mlflow.search_experiments() if e.name.startswith("sd2/")]
+    if not names:
+        raise UserError(f"--parent {parent_name}: no sd2 experiments at {tracking.tracking_uri()}; run the study "
+                        "pipelines first (or set MLFLOW_TRACKING_URI)")
+    parents = mlflow.search_runs(experiment_names=names, filter_string=(
+        f"attributes.run_name = '{parent_name}' and tags.`sd2.kind` = 'pipeline' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if parents.empty:
+        raise UserError(f"--parent {parent_name}: no finished pipeline run with that name at "
+                        f"{tracking.tracking_uri()}; run `sd2 pipeline --config ...` first")
+    parent = parents.iloc[0].to_dict()
+    kids = mlflow.search_runs(experiment_ids=[parent["experiment_id"]], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent['run_id']}' and tags.`sd2.kind` = 'drafter'"),
+        order_by=["attributes.start_time ASC"], max_results=500)
+    return parent, kids
+
+
+def _m(r, key):
+    v = r.get(f"metrics.{key}")
+    return None if v is None or v != v else float(v)
+
+
+def _ci(r, label: str = "") -> str:
+    lo, hi = _m(r, f"mal_ci95_lo{label}"), _m(r, f"mal_ci95_hi{label}")
+    return "—" if lo is None else f"{lo:.2f}–{hi:.2f}"
+
+
+def _headline_mal(r) -> tuple[float | None, float | None, float | None, str]:
+    """(MAL, lo, hi, source) at the study's γ: the replay over more prompts when there, else the engine."""
+    g = int(float(r.get("params.gamma", 4) or 4))
+    if _m(r, f"mal.g{g}") is not None:
+        return _m(r, f"mal.g{g}"), _m(r, f"mal_ci95_lo.g{g}"), _m(r, f"mal_ci95_hi.g{g}"), "replay"
+    return _m(r, "mal"), _m(r, "mal_ci95_lo"), _m(r, "mal_ci95_hi"), "engine"
+
+
+def _verdict(better: tuple, worse: tuple) -> str:
+    """'holds' when the first MAL's CI lies above the second's, 'direction only' when only the point estimate
+    does, else 'does not hold'."""
+    (m1, lo1, _), (m2, _, hi2) = better, worse
+    if m1 is None or m2 is None:
+        return "not measured"
+    if lo1 is not None and hi2 is not None and lo1 > hi2:
+        return "holds (95% CIs disjoint)"
+    return "direction only (CIs overlap)" if m1 > m2 else "does not hold"
+
+
+def claim_rows(kids, study: str) -> list[dict]:
+    """The paper's claims, each checked on one study's drafter runs."""
+    by = {r["tags.sd2.drafter"]: r for _, r in kids.iterrows()}
+    mal = {n: _headline_mal(r)[:3] for n, r in by.items()}
+    rows = []
+    if "dense-self-distilled" in by and "derived-untuned" in by:
+        d, u = mal["dense-self-distilled"], mal["derived-untuned"]
+        rows.append({"study": study, "claim": "self-data distillation raises MAL (vs the untuned drafter)",
+                     "paper": "yes", "here": f"MAL {d[0]:.3f} vs {u[0]:.3f}", "verdict": _verdict(d, u)})
+    if "dense-self-distilled" in by and "dense-plain-sft" in by:
+        d, f = mal["dense-self-distilled"], mal["dense-plain-sft"]
+        rows.append({"study": study, "claim": "self-distilled data beats the seed answers (plain SFT)",
+                     "paper": "yes", "here": f"MAL {d[0]:.3f} vs {f[0]:.3f}", "verdict": _verdict(d, f)})
+    for n, r in by.items():
+        ref = r.get("params.matched_to")
+        if r.get("params.kind") == "layer-pruned" and ref in by:
+            s, lp = mal[ref], mal[n]
+            ratio = s[0] / lp[0] if s[0] and lp[0] else float("nan")
+            rows.append({"study": study, "claim": f"fine-grained sparsity beats layer pruning at equal MACs ({ref} "
+                         f"vs {n})", "paper": f"{PAPER_CLAIMS['mal_vs_layer']:.2f}× MAL",
+                         "here": f"{ratio:.3f}× MAL ({s[0]:.3f} vs {lp[0]:.3f}; MACs "
+                         f"{_m(by[ref], 'drafter_macs_per_token') / 1e6:.1f}M vs "
+                         f"{_m(r, 'drafter_macs_per_token') / 1e6:.1f}M)", "verdict": _verdict(s, lp)})
+    dense = by.get("dense-self-distilled")
+    if dense is not None:
+        dm, dmacs = mal["dense-self-distilled"][0], _m(dense, "drafter_macs_per_token")
+        sparse = [(n, r) for n, r in by.items() if r.get("params.kind") == "sparse"]
+        if sparse and dm:
+            # the sparse drafter whose MACs saving is nearest the paper's 43.87%
+            n, r = min(sparse, key=lambda x: abs(1 - _m(x[1], "drafter_macs_per_token") / dmacs
+                                                  - PAPER_CLAIMS["macs_saved"]))
+            saved = 1 - _m(r, "drafter_macs_per_token") / dmacs
+            lost = 1 - mal[n][0] / dm
+            rows.append({"study": study, "claim": f"large MACs saving for a small MAL loss vs dense ({n})",
+                         "paper": f"{PAPER_CLAIMS['macs_saved']:.2%} fewer MACs, {PAPER_CLAIMS['mal_lost']:.2%} less MAL",
+                         "here": f"{saved:.2%} fewer MACs, {lost:.2%} less MAL",
+                         "verdict": "holds" if lost <= PAPER_CLAIMS["mal_lost"] + 1e-9 else
+                         ("partly (more MAL lost)" if lost < saved else "does not hold")})
+    return rows
+
+
+def drafter_table(kids) -> "pd.DataFrame":
+    """One row per drafter: what it is, what it costs, how well it drafts (γ of the study, greedy)."""
+    import pandas as pd
+
+    rows = []
+    for _, r in kids.iterrows():
+        m, lo, hi, src = _headline_mal(r)
+        g = int(float(r.get("params.gamma", 4) or 4))
+        sp = r.get("params.prune.sparsity")
+        rows.append({
+            "drafter": r["tags.sd2.drafter"], "kind": r.get("params.kind"),
+            "sparsity": "—" if sp in (None, "") or sp != sp else f"{float(sp):.0%} {r.get('params.prune.pattern')}",
+            "MACs/token (M)": round(_m(r, "drafter_macs_per_token") / 1e6, 1),
+            "c": round(_m(r, "cost_ratio"), 3),
+            f"MAL γ={g} ({src})": f"{m:.3f} [{lo:.2f}–{hi:.2f}]" if lo is not None else f"{m:.3f}",
+            "MAL engine": f"{_m(r, 'mal'):.3f} [{_ci(r)}]",
+            "acceptance": round(_m(r, f"acceptance_rate.g{g}") or _m(r, "acceptance_rate"), 3),
+            "theoretical speedup": round(_m(r, f"theoretical_speedup.g{g}") or _m(r, "theoretical_speedup"), 3),
+            "measured speedup": round(_m(r, "speedup"), 3),
+            "lossless": bool(_m(r, "lossless")) if _m(r, "lossless") is not None else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def _settings(kids, prefix: str) -> list[str]:
+    labs = {c.split(".", 2)[2] for c in kids.columns if c.startswith(f"metrics.mal.{prefix}")}
+    return sorted(labs, key=lambda x: float(x[1:]))
+
+
+def _gammas(kids) -> list[int]:
+    """Every γ a study measured: its main γ and those of the replay or extra engine runs."""
+    main = {int(float(g)) for g in kids.get("params.gamma", []) if g == g and g not in (None, "")}
+    return sorted(main | {int(lab[1:]) for lab in _settings(kids, "g")})
+
+
+def _at(r, key: str, g: int):
+    """A metric at γ=g: the per-γ value (replay or extra run), else the main run's when g is the main γ."""
+    v = _m(r, f"{key}.g{g}")
+    if v is None and g == int(float(r.get("params.gamma", 4) or 4)):
+        v = _m(r, key)
+    return v
+
+
+def gamma_table(kids) -> "pd.DataFrame":
+    """MAL (95% CI), theoretical and (where run by the engine) measured speedup at each evaluated γ."""
+    import pandas as pd
+
+    rows = []
+    for _, r in kids.iterrows():
+        row = {"drafter": r["tags.sd2.drafter"]}
+        for g in _gammas(kids):
+            m, lo, hi = _at(r, "mal", g), _at(r, "mal_ci95_lo", g), _at(r, "mal_ci95_hi", g)
+            row[f"MAL γ={g}"] = "—" if m is None else f"{m:.3f} [{lo:.2f}–{hi:.2f}]" if lo is not None else f"{m:.3f}"
+            t = _at(r, "theoretical_speedup", g)
+            row[f"theor. γ={g}"] = "—" if t is None else f"{t:.3f}"
+            sp = _at(r, "speedup", g)
+            row[f"measured γ={g}"] = "—" if sp is None else f"{sp:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sampling_table(kids) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for lab in _settings(kids, "t"):
+        for _, r in kids.iterrows():
+            if _m(r, f"mal.{lab}") is None:
+                continue
+            rows.append({"drafter": r["tags.sd2.drafter"], "temperature": float(lab[1:]),
+                         "MAL": f"{_m(r, f'mal.{lab}'):.3f} [{_ci(r, '.' + lab)}]",
+                         "acceptance": round(_m(r, f"acceptance_rate.{lab}"), 3),
+                         "theoretical speedup": round(_m(r, f"theoretical_speedup.{lab}"), 3),
+                         "measured speedup": round(_m(r, f"speedup.{lab}"), 3)})
+    return pd.DataFrame(rows)
+
+
+def category_table(kids) -> "pd.DataFrame":
+    """Engine MAL per Spec-Bench category at the study's γ."""
+    import pandas as pd
+
+    cats = sorted(c[len("metrics.mal."):] for c in kids.columns if c.startswith("metrics.mal.")
+                  and not _SETTING.fullmatch(c[len("metrics.mal."):]))
+    rows = [{"drafter": r["tags.sd2.drafter"], **{c: _m(r, f"mal.{c}") for c in cats}} for _, r in kids.iterrows()]
+    return pd.DataFrame(rows)
+
+
+def study_plots(kids, out_dir, stem: str) -> list:
+    """MAL vs sparsity, MAL vs MACs (Pareto) and MAL vs γ, as PNGs named <stem>-*.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    rows = []
+    for _, r in kids.iterrows():
+        m = _headline_mal(r)[0]
+        sp = r.get("params.prune.sparsity")
+        rows.append({"drafter": r["tags.sd2.drafter"], "kind": r.get("params.kind"), "mal": m,
+                     "prune.method": r.get("params.prune.method"), "prune.pattern": r.get("params.prune.pattern"),
+                     "prune.sparsity": float(sp) if sp not in (None, "") and sp == sp else None,
+                     "drafter_macs_per_token": _m(r, "drafter_macs_per_token")})
+    df = pd.DataFrame(rows)
+    files = []
+    with_tmp = out_dir / f".{stem}-plots"
+    made = plot_results(df.drop(columns=[]), with_tmp)
+    for f in made:
+        if f.name == "mal_per_category.png":
+            f.unlink()
+            continue
+        dest = out_dir / f"{stem}-{f.name}"
+        f.replace(dest)
+        files.append(dest)
+    # reference lines for the baselines on the sparsity plot are drawn by plot_results (dense); add MAL vs γ
+    gs = _gammas(kids)
+    if len(gs) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for _, r in kids.iterrows():
+            ys = [_at(r, "mal", g) for g in gs]
+            if all(y is not None for y in ys):
+                ax.plot(gs, ys, marker="o", label=r["tags.sd2.drafter"])
+        ax.set_xticks(gs)
+        files.append(_finish(fig, ax, "γ (draft tokens per verification)", "MAL vs γ (greedy)",
+                             out_dir / f"{stem}-mal_vs_gamma.png"))
+    import shutil
+
+    shutil.rmtree(with_tmp, ignore_errors=True)
+    return files
+
+
+def _minutes(parent: dict) -> str:
+    start, end = parent.get("start_time"), parent.get("end_time")
+    if start is None or end is None:
+        return "—"
+    return f"{(end - start).total_seconds() / 60:.0f} min"
+
+
+def write_results(configs: list[str], out: str, reading: str | None = None, command: str = "") -> list:
+    """docs/results.md (and its PNGs beside it) from the latest finished pipeline run of each config in MLflow."""
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import yaml
+
+    from sd2 import tracking
+    from sd2.config import PipelineConfig
+    from sd2.errors import UserError
+    from sd2.evaluate import atomic_write_text
+
+    out = Path(out)
+    names = []
+    for c in configs:
+        try:
+            names.append(PipelineConfig.build(**(yaml.safe_load(Path(c).read_text()) or {})).name)
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"--config {c}: {str(exc).splitlines()[0]}") from None
+    if reading and not Path(reading).is_file():
+        raise UserError(f"--reading {reading}: file not found")
+    studies = [(name, *study_runs(name)) for name in names]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# SD² at small scale: results", "",
+             f"_Generated by `{command or 'sd2 report'}` from the MLflow runs at `{tracking.tracking_uri()}` on "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Every number below is read from those runs._", "",
+             "## Regenerate everything", "", "```bash", "make demo   # or: bash infra/scripts/setup.sh (creates .venv)"]
+    for c in configs:
+        lines.append(f".venv/bin/sd2 pipeline --config {c}")
+    lines += [f".venv/bin/{command or 'sd2 report'}", "```", "",
+              "| study | MLflow parent run | target | drafter base | wall time here | git |", "|---|---|---|---|---|---|"]
+    for name, parent, kids in studies:
+        lines.append(f"| {name} | `{parent['run_id']}` | {parent.get('params.target')} | "
+                     f"{parent.get('params.drafter_base') or parent.get('params.target')} "
+                     f"(layers {parent.get('params.drafter_layers')}) | {_minutes(parent)} | "
+                     f"{(parent.get('tags.git_sha') or '')[:8]} |")
+    claims = [row for name, _, kids in studies for row in claim_rows(kids, name)]
+    lines += ["", "## The paper's claims, checked", "",
+              "MAL is greedy at the study's γ (the replayed value over the larger prompt set where available); "
+              "verdicts compare 95% bootstrap intervals over prompts.", ""]
+    if claims:
+        import pandas as pd
+
+        lines.append(markdown_table(pd.DataFrame(claims), ["study", "claim", "paper", "here", "verdict"]))
+    files = []
+    for name, parent, kids in studies:
+        stem = out.stem + "-" + name
+        lines += ["", f"## {name}", "", f"target `{parent.get('params.target')}`, drafter from "
+                  f"`{parent.get('params.drafter_base') or parent.get('params.target')}` "
+                  f"(layers {parent.get('params.drafter_layers')}); self-distillation "
+                  f"{parent.get('params.distill_mode')} on {parent.get('params.distill_limit')} seed prompts "
+                  f"({parent.get('params.distill_max_new_tokens')} new tokens); dense training "
+                  f"{parent.get('params.train_steps')} steps, sparse fine-tuning {parent.get('params.sparse_ft_steps')} "
+                  f"steps (batch {parent.get('params.train_batch_size')}, lr {parent.get('params.lr')}); eval on "
+                  f"{parent.get('params.eval_limit')} Spec-Bench prompts (engine, with timings)"
+                  + (f" and {parent.get('params.replay_limit')} prompts (replayed greedy γ)"
+                     if parent.get("params.replay_limit") not in (None, "", "None") else "")
+                  + f", {parent.get('params.eval_max_new_tokens')} new tokens each, {parent.get('params.threads')} "
+                  "thread(s).", "", "### Drafters (greedy)", "",
+                  markdown_table(drafter_table(kids), list(drafter_table(kids).columns)), "",
+                  "### MAL by γ (greedy)", "", markdown_table(gamma_table(kids), list(gamma_table(kids).columns))]
+        st = sampling_table(kids)
+        if len(st):
+            lines += ["", "### Sampling", "", markdown_table(st, list(st.columns))]
+        ct = category_table(kids)
+        lines += ["", f"### MAL per Spec-Bench category (engine, γ={parent.get('params.gamma')})", "",
+                  markdown_table(ct, list(ct.columns)), ""]
+        for f in study_plots(kids, out.parent, stem):
+            files.append(f)
+            lines.append(f"![{f.stem}]({f.name})")
+    if reading:
+        lines += ["", Path(reading).read_text().rstrip()]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return [out, *files]
+

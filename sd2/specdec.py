@@ -54,7 +54,10 @@ class _Cached:
 
     def __init__(self, model):
         self.model = model
-        self.cache = DynamicCache(config=model.config)
+        # Full layers everywhere, sliding-window models included (the mask still applies the window): a
+        # sliding-window cache layer cannot roll back a multi-token verification once the context is longer
+        # than the window (Gemma-3 beyond 512 tokens fails with a shape mismatch).
+        self.cache = DynamicCache()
         self.ids: list[int] = []
         self._recording = False
 

@@ -113,6 +113,16 @@ def eval_metrics(res: dict) -> dict[str, float]:
     for cat, v in res["per_category"].items():
         m[f"mal.{cat}"] = v["mal"]
         m[f"speedup.{cat}"] = v["speedup"]
+    replay = res.get("replay") or {}
+    settings = {f"g{g}": v for g, v in replay.get("gammas", {}).items()} | (res.get("extra") or {})
+    for label, v in settings.items():  # more γ (replayed or run) and the sampling run: <metric>.<g4|t1>
+        for k in ("mal", "acceptance_rate", "theoretical_speedup", "speedup"):
+            if v.get(k) is not None:
+                m[f"{k}.{label}"] = v[k]
+        m[f"mal_ci95_lo.{label}"], m[f"mal_ci95_hi.{label}"] = v["mal_ci95"]
+    if "engine_check" in replay:
+        m["replay_check.mal_engine"] = replay["engine_check"]["mal_engine"]
+        m["replay_check.mal_replay"] = replay["engine_check"]["mal_replay"]
     return {k: float(v) for k, v in m.items() if v is not None and v == v}
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -40,28 +42,57 @@ def stage_dir(stage: str, key: str) -> Path:
     return sd2_home() / "artifacts" / stage / key
 
 
-def _key_fn(stage: str, inputs: tuple[str, ...]):
-    """Prefect cache key = the content key of the stage (the same key that names its output dir).
-    If an output dir is deleted by hand while Prefect's record of it remains, run with refresh_cache."""
+def _key_fn(stage: str, inputs: tuple[str, ...], config_of=None):
+    """Prefect cache key = the content key of the stage (the key that names its output dir) + the generation of
+    that dir. A generation (a uuid in `<dir>.gen`) is drawn whenever the dir is not complete, so a Prefect record
+    that outlived its output (deleted by hand, disk cleaned) is never served: the task runs and rebuilds the dir,
+    and its record, stored under the new generation, is served from then on."""
     def fn(ctx, params):
-        config = {k: v for k, v in params.items() if k not in inputs}
-        return stage_key(stage, config, {k: params.get(k) for k in inputs})
+        bound = inspect.signature(ctx.task.fn).bind_partial(**params)
+        bound.apply_defaults()  # the output dir's key includes defaulted arguments too
+        params = dict(bound.arguments)
+        config = config_of(params) if config_of else {k: v for k, v in params.items() if k not in inputs}
+        key = stage_key(stage, config, {k: params.get(k) for k in inputs})
+        out = stage_dir(stage, key)
+        gen = out.with_name(out.name + ".gen")
+        if not (_done(out) and gen.exists()):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            gen.write_text(uuid.uuid4().hex)
+        return f"{key}-{gen.read_text().strip()}"
     return fn
 
 
+@contextmanager
 def gpu_slot():
     """A slot of the global concurrency limit `gpu` when tasks run against a Prefect server (several workers
     share the GPUs). Nothing in plain code or with the embedded API: there one process runs everything, and
-    its per-process server does not expire the lease of a killed run, which would block the re-run."""
+    its per-process server does not expire the lease of a killed run, which would block the re-run.
+    If the server cannot be reached, the stage runs without the slot rather than fail: its output is then
+    kept even when the flow run itself cannot go on (see README, "When things fail")."""
+    import logging
     import os
 
     from prefect.context import TaskRunContext
 
     if TaskRunContext.get() is None or not os.environ.get("PREFECT_API_URL"):
-        return nullcontext()
+        yield
+        return
     # A short lease: a worker killed while holding the slot frees it within a minute, not after Prefect's
-    # default five (the holder renews it every 45 s while alive).
-    return concurrency("gpu", occupy=1, strict=False, lease_duration=60)
+    # default five (the holder renews it every 45 s while alive; a failed renewal does not stop the stage).
+    slot = concurrency("gpu", occupy=1, strict=False, lease_duration=60, raise_on_lease_renewal_failure=False)
+    try:
+        slot.__enter__()
+    except Exception as exc:  # noqa: BLE001 - the API is gone: the work matters more than the slot
+        logging.getLogger("sd2").warning("gpu slot: Prefect API unreachable (%s); running without it", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            slot.__exit__(None, None, None)
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            logging.getLogger("sd2").warning("gpu slot: could not release (%s); its lease expires in 60 s", exc)
 
 
 @contextmanager
@@ -178,23 +209,35 @@ def layer_match_task(model: str, reference: str, calib: str, calib_samples: int,
     return str(out)
 
 
-@task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts")), **_COMMON)
+_EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
+
+
+def _eval_config(p: dict) -> dict:
+    """The eval key's config: options at their defaults are left out, so adding one keeps older keys valid."""
+    return {**{k: p.get(k, d) for k, d in (("limit", None), ("gamma", None), ("max_new_tokens", None),
+                                           ("threads", 1), ("temperature", 0.0), ("seed", 0), ("nonce", ""))},
+            **{k: p[k] for k in _EVAL_OPTIONS if p.get(k)}}
+
+
+@task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts"), _eval_config), **_COMMON)
 def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
-              threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "") -> str:
+              threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "", uag: bool = False,
+              replay_gammas: list[int] | None = None, replay_limit: int | None = None) -> str:
     """Evaluates one drafter; returns a dir holding eval.json and records.csv. A `nonce` forces new timings."""
     from sd2.config import EvalConfig
     from sd2.evaluate import run_eval, write_json
 
-    key = stage_key("eval", dict(limit=limit, gamma=gamma, max_new_tokens=max_new_tokens, threads=threads,
-                                 temperature=temperature, seed=seed, nonce=nonce),
-                    {"target": target, "drafter": drafter, "prompts": prompts})
+    params = dict(limit=limit, gamma=gamma, max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
+                  seed=seed, nonce=nonce, uag=uag, replay_gammas=replay_gammas, replay_limit=replay_limit)
+    opts = {k: params[k] for k in _EVAL_OPTIONS if params[k]}
+    key = stage_key("eval", _eval_config(params), {"target": target, "drafter": drafter, "prompts": prompts})
     out = stage_dir("eval", key)
     with stage_lock(out):
         if not _done(out):
             with gpu_slot():
                 res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
                                               max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
-                                              seed=seed), progress=False)
+                                              seed=seed, **opts), progress=False)
             tmp = out.with_name(out.name + ".tmp")
             tmp.mkdir(parents=True, exist_ok=True)
             df.to_csv(tmp / "records.csv", index=False)

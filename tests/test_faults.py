@@ -62,6 +62,9 @@ def test_sigkill_during_distill_then_resume(tiny_model_dir, seed_file, tmp_path)
     ref_man = json.loads((ref / "sd2_manifest.json").read_text())
     assert man["generated_tokens"] < ref_man["generated_tokens"]  # finished shards were not redone
     assert len(before) >= 2
+    print(f"distill: uninterrupted {ref_man['generation_seconds_this_run']} s / {ref_man['generated_tokens']} tokens; "
+          f"re-run after the kill {man['generation_seconds_this_run']} s / {man['generated_tokens']} tokens "
+          f"({len(before)} shards kept)")
 
 
 def test_sigkill_during_training_then_resume(tmp_path, tok300):
@@ -84,10 +87,14 @@ def test_sigkill_during_training_then_resume(tmp_path, tok300):
     shutil.copytree(ck / "checkpoint-12", torn)
     (torn / "trainer_state.json").unlink()
     assert last_complete_checkpoint(ck).name != "checkpoint-999"
+    done_at_kill = max(int(c.name.split("-")[1]) for c in ck.glob("checkpoint-*") if c.name != "checkpoint-999")
+    t0 = time.time()
     r = subprocess.run([*SD2, *args, "--out", str(out), "--resume"], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((out / "sd2_train.json").read_text())
     assert info["global_step"] == 24
+    print(f"train: killed after checkpoint-{done_at_kill}; resume ran {24 - done_at_kill} of 24 steps in "
+          f"{time.time() - t0:.0f} s (process start included)")
     a, _ = load_model(str(ref))
     b, _ = load_model(str(out))
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -139,19 +146,116 @@ def test_sigkill_mid_pipeline_then_rerun_reuses_finished_stages(tiny_model_dir, 
             if (home / "artifacts" / "train").exists() else False
 
     errlog = tmp_path / "first.err"
+    t0 = time.time()
     proc = subprocess.Popen([*SD2, "pipeline", "--config", str(cfg)], env=env, stdout=subprocess.DEVNULL,
                             stderr=errlog.open("w"), start_new_session=True)
-    t0 = time.time()
     while not trained() and proc.poll() is None and time.time() - t0 < 400:
         time.sleep(0.1)
     assert proc.poll() is None, f"pipeline ended before the kill point: {errlog.read_text()[-1500:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    first = time.time() - t0
     stamps = {p: p.stat().st_mtime_ns for stage in ("distill", "train") for p in (home / "artifacts" / stage).glob("*")
               if p.is_dir()}
     assert stamps
+    t0 = time.time()
     r = subprocess.run([*SD2, "pipeline", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "magnitude-unstructured-0.5" in r.stdout
     for p, t in stamps.items():
         assert p.stat().st_mtime_ns == t, f"{p} was redone"
+    print(f"pipeline: killed {first:.0f} s in, after distill + dense training; the re-run took {time.time() - t0:.0f} s "
+          f"and redid none of the {len(stamps)} finished stage dirs")
+
+
+class _SmallDisk:
+    """A real 64 KB filesystem (tmpfs; read-only with ro=True) where the machine lets us mount one. Elsewhere
+    the same failures come from the kernel another way: a file-size limit (EFBIG) for a full disk and a
+    read-only directory (EACCES) for permissions."""
+
+    def __init__(self, path: Path, ro: bool = False):
+        self.path, self.ro = path, ro
+        path.mkdir()
+        opts = "size=64k" + (",ro" if ro else "")
+        self.mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                                      capture_output=True).returncode == 0
+        if not self.mounted and ro:
+            path.chmod(0o555)
+
+    def preexec(self):
+        if not self.mounted and not self.ro:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    def close(self):
+        if self.mounted:
+            subprocess.run(["umount", str(self.path)], check=True)
+        self.path.chmod(0o755)
+
+
+def _error_lines(r) -> list[str]:
+    """The error lines of a run (progress bars share stderr, and carriage returns split their updates)."""
+    lines = r.stderr.replace("\r", "\n").splitlines()
+    return [line[line.index("sd2: error:"):] for line in lines if "sd2: error:" in line]
+
+
+def _run_on(disk: _SmallDisk, args: list[str]):
+    return subprocess.run([*SD2, *args], env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=disk.preexec)
+
+
+def test_disk_full_is_one_line_naming_the_path_and_keeps_finished_work(tiny_model_dir, seed_file, tmp_path):
+    disk = _SmallDisk(tmp_path / "small")
+    try:
+        out = disk.path / "pruned"
+        r = _run_on(disk, ["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5",
+                           "--out", str(out)])
+        assert r.returncode == 2, r.stderr[-2000:]
+        [err] = _error_lines(r)
+        assert err.startswith(f"sd2: error: {out}: ") and ("No space left" in err or "too large" in err), err
+        assert "Traceback" not in r.stderr and list(disk.path.iterdir()) == []  # nothing half-written
+
+        # distillation: the shards (5 files of ~5 KB) fit, the final dataset (one ~22 KB file) does not
+        seeds = _prompts(tmp_path, n=80, chars=200)
+        data = disk.path / "data"
+        r = _run_on(disk, ["distill", "--target", str(tiny_model_dir), "--prompts", str(seeds),
+                           "--max-new-tokens", "8", "--shard-size", "16", "--threads", "1", "--out", str(data)])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert _error_lines(r) == [_error_lines(r)[0]] and _error_lines(r)[0].startswith(f"sd2: error: {data}: ")
+        assert not data.exists() and not (disk.path / ".data.tmp").exists()
+        shards = sorted((disk.path / "data.partial" / "shards").glob("shard-*.jsonl"))
+        assert len(shards) == 5, "finished shards were lost"
+        big = tmp_path / "big"
+        shutil.copytree(disk.path / "data.partial", big / "data.partial")
+    finally:
+        disk.close()
+    # with room again (the same shards on a big disk), the same command finishes from them, redoing none
+    before = {f.name: f.stat().st_mtime_ns for f in (big / "data.partial" / "shards").glob("*.jsonl")}
+    r = subprocess.run([*SD2, "distill", "--target", str(tiny_model_dir), "--prompts", str(seeds),
+                        "--max-new-tokens", "8", "--shard-size", "16", "--threads", "1", "--out", str(big / "data")],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = datasets.load_from_disk(str(big / "data"))
+    assert len(ds) == 80
+    assert "generated_tokens_per_s_this_run" in json.loads((big / "data" / "sd2_manifest.json").read_text())
+    assert json.loads((big / "data" / "sd2_manifest.json").read_text())["generated_tokens"] == 0, before  # none redone
+
+
+def test_permission_denied_is_one_line_naming_the_path(tiny_model_dir, tmp_path):
+    disk = _SmallDisk(tmp_path / "locked", ro=True)
+    try:
+        out = disk.path / "e.json"
+        r = _run_on(disk, ["eval", "--target", str(tiny_model_dir), "--drafter", str(tiny_model_dir), "--prompts",
+                           str(_prompts(tmp_path)), "--limit", "1", "--max-new-tokens", "4", "--out", str(out)])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        [err] = _error_lines(r)
+        assert err.startswith(f"sd2: error: {out}: ") and ("Read-only" in err or "Permission denied" in err), err
+    finally:
+        disk.close()
+
+
+def _prompts(tmp_path: Path, n: int = 1, chars: int = 12) -> Path:
+    f = tmp_path / f"prompts-{n}.jsonl"
+    f.write_text("".join(json.dumps({"prompt": (f"{i} the lazy dog " * chars)[:chars]}) + "\n" for i in range(n)))
+    return f

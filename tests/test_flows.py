@@ -80,7 +80,7 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     rows = state.result()
     names = [r["drafter"] for r in rows]
     assert names == ["derived-untuned", "dense-self-distilled", "sparsegpt-unstructured-0.5", "sparsegpt-2of4-0.5",
-                     "wanda-unstructured-0.5", "wanda-2of4-0.5", "layer-pruned-matched"]
+                     "wanda-unstructured-0.5", "wanda-2of4-0.5", "layer-pruned-0.5"]
     assert all(r["lossless"] for r in rows)
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -122,6 +122,113 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     runs = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
                               filter_string="attributes.run_name = 'nightly-eval'")
     assert len(runs) == 1
+
+
+def test_study_options_baselines_gammas_and_sampling(harness, tiny_target, seed_file, eval_file):
+    """What the reproduction study uses: plain-SFT baseline, layer-pruned drafters matched to two cells, more γ by
+    replay (checked against the engine), and a sampling run for one drafter, all on each drafter's MLflow run."""
+    import mlflow
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+    from sd2.config import SweepGrid
+
+    cfg = _config(tiny_target, seed_file, eval_file, name="study", sft_baseline=True, layer_match=[0.5, 0.7],
+                  eval_gammas=[2, 6], replay_limit=4, sampling_temperature=1.0,
+                  sampling_drafters=["dense-self-distilled"], register_champion=False)
+    cfg = cfg.model_copy(update={"sweep": SweepGrid(methods=["sparsegpt"], sparsities=[0.5, 0.7])})
+    rows = sd2_pipeline(cfg)
+    names = [r["drafter"] for r in rows]
+    assert names == ["derived-untuned", "dense-self-distilled", "dense-plain-sft", "sparsegpt-unstructured-0.5",
+                     "sparsegpt-unstructured-0.7", "layer-pruned-0.5", "layer-pruned-0.7"]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                              filter_string="tags.`sd2.kind` = 'drafter'", max_results=50)
+    runs = runs[runs["tags.mlflow.parentRunId"] == runs.loc[runs["tags.sd2.drafter"] == "dense-plain-sft",
+                                                            "tags.mlflow.parentRunId"].iloc[0]]
+    assert len(runs) == 7
+    for _, r in runs.iterrows():
+        for g in (2, 4, 6):
+            assert 1.0 <= r[f"metrics.mal.g{g}"] <= g + 1
+        # the replayed γ=4 equals the engine's γ=4 on the prompts both decoded
+        assert r["metrics.replay_check.mal_replay"] == pytest.approx(r["metrics.replay_check.mal_engine"])
+    dense = runs[runs["tags.sd2.drafter"] == "dense-self-distilled"].iloc[0]
+    assert dense["metrics.mal.t1"] >= 1.0 and dense["metrics.acceptance_rate.t1"] >= 0.0
+    assert runs[runs["tags.sd2.drafter"] != "dense-self-distilled"]["metrics.mal.t1"].isna().all()
+    lp = runs[runs["tags.sd2.drafter"] == "layer-pruned-0.7"].iloc[0]
+    assert lp["params.matched_to"] == "sparsegpt-unstructured-0.7" and lp["params.layer_baseline.from"] == "dense"
+    sft = runs[runs["tags.sd2.drafter"] == "dense-plain-sft"].iloc[0]
+    assert sft["params.distill.mode"] == "reference"
+
+    # docs/results.md from those runs: claims checked, tables, plots; the numbers are the runs' numbers
+    import yaml
+
+    from sd2.report import write_results
+
+    cfg_file = harness / "study.yaml"
+    cfg_file.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    reading = harness / "reading.md"
+    reading.write_text("## Reading\n\nhand-written words\n")
+    files = write_results([str(cfg_file)], str(harness / "docs" / "results.md"), str(reading), command="sd2 report")
+    text = files[0].read_text()
+    assert f"sd2 pipeline --config {cfg_file}" in text and text.rstrip().endswith("hand-written words")
+    assert "fine-grained sparsity beats layer pruning at equal MACs (sparsegpt-unstructured-0.7 vs " \
+           "layer-pruned-0.7)" in text
+    assert f"{dense['metrics.mal.g4']:.3f}" in text and f"{dense['metrics.mal.t1']:.3f}" in text
+    pngs = {f.name for f in files[1:]}
+    assert {"results-study-mal_vs_sparsity.png", "results-study-mal_vs_macs.png",
+            "results-study-mal_vs_gamma.png"} <= pngs and all((harness / "docs" / n).stat().st_size for n in pngs)
+    assert all(f"![{Path(n).stem}]({n})" in text for n in pngs)
+
+
+def test_engine_gammas_in_the_report(harness, tiny_target, seed_file, eval_file):
+    """More γ as full engine runs (how cross-tokenizer studies measure them): per-γ MAL and measured speedup on
+    the drafter's run, and every γ (the main one included) in the report's γ table and plot."""
+    import mlflow
+    import yaml
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+    from sd2.config import SweepGrid
+    from sd2.report import write_results
+
+    cfg = _config(tiny_target, seed_file, eval_file, name="engine-gammas", eval_gammas=[2], eval_gamma_mode="engine",
+                  register_champion=False, layer_baseline=False)
+    cfg = cfg.model_copy(update={"sweep": SweepGrid(methods=["magnitude"], sparsities=[0.5])})
+    sd2_pipeline(cfg)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                              filter_string="attributes.run_name = 'dense-self-distilled'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    r = runs.iloc[0]
+    assert r["metrics.speedup.g2"] > 0 and 1.0 <= r["metrics.mal.g2"] <= 3.0 and "metrics.mal.g4" not in runs
+    f = harness / "engine.yaml"
+    f.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    files = write_results([str(f)], str(harness / "docs2" / "results.md"))
+    text = files[0].read_text()
+    assert "| drafter | MAL γ=2 | theor. γ=2 | measured γ=2 | MAL γ=4 | theor. γ=4 | measured γ=4 |" in text
+    assert f"{r['metrics.speedup.g2']:.3f}" in text and f"{r['metrics.speedup']:.3f}" in text
+    assert any(x.name.endswith("mal_vs_gamma.png") for x in files)
+
+
+def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target, seed_file):
+    """Prefect's record of a stage outlives its output dir (deleted by hand, disk cleaned): the next run must
+    rebuild the dir, not hand a dangling path to the next stage; afterwards the record is served again."""
+    import datetime
+    import shutil
+
+    from flows.pipeline import self_distill
+
+    args = (str(tiny_target), str(seed_file), "regenerate", 4, 6, 2, 1)
+    first = self_distill(*args)
+    shutil.rmtree(first)
+    since = datetime.datetime.now(datetime.timezone.utc)
+    again = self_distill(*args)
+    assert again == first and (Path(again) / "sd2_manifest.json").exists()
+    assert _task_states(since).get("distill_task") == ["Completed"]
+    since = datetime.datetime.now(datetime.timezone.utc)
+    assert self_distill(*args) == first
+    assert _task_states(since).get("distill_task") == ["Cached"]
 
 
 def test_sweep_with_an_impossible_cell_runs_the_others(harness, tiny_target, seed_file, eval_file):

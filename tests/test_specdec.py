@@ -117,3 +117,43 @@ def test_invalid_parameters():
         SpecDecoder(t, t, gamma=0)
     with pytest.raises(ValueError):
         SpecDecoder(t, t, temperature=-1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_replay_equals_the_engine_step_for_step(seed):
+    """The replay gives the engine's MAL, accepted counts and drafted counts at every γ, from one drafter pass."""
+    from sd2.evaluate import drafter_matches, replay_greedy
+    from sd2.specdec import eos_ids
+
+    t = make_llama(96, layers=2, seed=seed, eos=7 if seed % 2 else None)
+    d = perturbed(t, 0.3, seed=10 + seed)
+    for max_new in (17, 40):
+        tokens = SpecDecoder(t).generate(PROMPT, max_new).tokens
+        matches = drafter_matches(d, PROMPT, tokens)
+        assert 0 < sum(matches) < len(matches)  # partial agreement: the replay has something to do
+        for gamma in (1, 2, 4, 6):
+            eng = SpecDecoder(t, d, gamma=gamma).generate(PROMPT, max_new)
+            rep = replay_greedy(matches, tokens, gamma, max_new, eos_ids(t))
+            assert rep.target_passes == eng.target_passes
+            assert [(s.drafted, s.accepted) for s in rep.steps] == [(s.drafted, s.accepted) for s in eng.steps]
+            assert rep.mal == pytest.approx(eng.mal)
+
+
+def test_sliding_window_target_beyond_its_window_stays_lossless():
+    """Gemma-3 style sliding-window layers: multi-token verification must roll back correctly once the context
+    is longer than the window (a sliding cache layer cannot, and failed with a shape mismatch)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                           eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    t = Gemma3ForCausalLM(cfg).eval()
+    d = perturbed(t, 0.3, seed=3)
+    prompt = list(range(3, 23))  # 20 tokens: past the window of 8 before decoding starts
+    hf = t.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    assert SpecDecoder(t).generate(prompt, 24).tokens == hf
+    for gamma in (2, 4):
+        res = SpecDecoder(t, d, gamma=gamma).generate(prompt, 24)
+        assert res.tokens == hf and res.mal > 1.0
