@@ -262,6 +262,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with writing(tmp, path):
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results private to the writing user
         os.replace(tmp, path)
     return path
 
