@@ -51,8 +51,7 @@ def storage_error(exc: BaseException, path=None, prefer_path: bool = False) -> O
 @contextmanager
 def writing(tmp, out):
     """Around writing `tmp` (later renamed to `out`; None: nothing to clean): on any failure remove `tmp`, so
-    nothing half-written stays,
-    and turn disk-full / permission errors into one OSError naming `out`."""
+    nothing half-written stays, and turn disk-full / permission errors into one OSError naming `out`."""
     try:
         yield
     except BaseException as exc:

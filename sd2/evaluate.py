@@ -126,7 +126,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         out["per_category"][str(cat)] = {"n_prompts": len(idx), "mal": s["mal"],
                                          "acceptance_rate": s["acceptance_rate"], "speedup": s["speedup"]}
     if replay_gammas:
-        known = {p.id: (p, b.tokens) for p, b in zip(prompts, base_res)}
+        known = {p.id: b.tokens for p, b in zip(prompts, base_res)}
         out["replay"] = replay_eval(target, target_tok, drafter, replay_prompts or prompts, replay_gammas,
                                     max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
                                     engine_gamma=gamma, seed=seed, progress=progress,
@@ -181,7 +181,7 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     for p in tqdm(prompts, desc="replay", unit="prompt", disable=not progress):
         ids = encode_prompt(target_tok, p.text)
         if p.id in known:
-            tokens = known[p.id][1]
+            tokens = known[p.id]
         else:  # the target's greedy output does not depend on the drafter: computed once per target and prompt
             f = cache_dir / (hashlib.sha256(json.dumps([ids, max_new_tokens]).encode()).hexdigest()[:24] + ".json") \
                 if cache_dir else None

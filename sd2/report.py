@@ -101,8 +101,8 @@ def _finish(fig, ax, xlabel, title, path):
     return path
 
 
-def markdown_table(df, columns: list[str]) -> str:
-    cols = [c for c in columns if c in df.columns]
+def markdown_table(df, columns: list[str] | None = None) -> str:
+    cols = [c for c in columns if c in df.columns] if columns is not None else list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = []
@@ -156,9 +156,8 @@ def _ci(r, label: str = "") -> str:
 def _headline_mal(r) -> tuple[float | None, float | None, float | None, str]:
     """(MAL, lo, hi, source) at the study's γ: the replay over more prompts when there, else the engine."""
     g = int(float(r.get("params.gamma", 4) or 4))
-    if _m(r, f"mal.g{g}") is not None:
-        return _m(r, f"mal.g{g}"), _m(r, f"mal_ci95_lo.g{g}"), _m(r, f"mal_ci95_hi.g{g}"), "replay"
-    return _m(r, "mal"), _m(r, "mal_ci95_lo"), _m(r, "mal_ci95_hi"), "engine"
+    source = "replay" if _m(r, f"mal.g{g}") is not None else "engine"
+    return _at(r, "mal", g), _at(r, "mal_ci95_lo", g), _at(r, "mal_ci95_hi", g), source
 
 
 def _verdict(better: tuple, worse: tuple) -> str:
@@ -309,6 +308,8 @@ def category_table(kids) -> "pd.DataFrame":
 
 def study_plots(kids, out_dir, stem: str) -> list:
     """MAL vs sparsity, MAL vs MACs (Pareto) and MAL vs γ, as PNGs named <stem>-*.png."""
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,18 +326,10 @@ def study_plots(kids, out_dir, stem: str) -> list:
                      "prune.method": r.get("params.prune.method"), "prune.pattern": r.get("params.prune.pattern"),
                      "prune.sparsity": float(sp) if sp not in (None, "") and sp == sp else None,
                      "drafter_macs_per_token": _m(r, "drafter_macs_per_token")})
-    df = pd.DataFrame(rows)
     files = []
-    with_tmp = out_dir / f".{stem}-plots"
-    made = plot_results(df.drop(columns=[]), with_tmp)
-    for f in made:
-        if f.name == "mal_per_category.png":
-            f.unlink()
-            continue
-        dest = out_dir / f"{stem}-{f.name}"
-        f.replace(dest)
-        files.append(dest)
-    # reference lines for the baselines on the sparsity plot are drawn by plot_results (dense); add MAL vs γ
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # plot_results' file names, prefixed with the stem
+        for f in plot_results(pd.DataFrame(rows), tmp):
+            files.append(f.replace(out_dir / f"{stem}-{f.name}"))
     gs = _gammas(kids)
     if len(gs) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -347,9 +340,6 @@ def study_plots(kids, out_dir, stem: str) -> list:
         ax.set_xticks(gs)
         files.append(_finish(fig, ax, "γ (draft tokens per verification)", "MAL vs γ (greedy)",
                              out_dir / f"{stem}-mal_vs_gamma.png"))
-    import shutil
-
-    shutil.rmtree(with_tmp, ignore_errors=True)
     return files
 
 
@@ -420,14 +410,14 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
                      if parent.get("params.replay_limit") not in (None, "", "None") else "")
                   + f", {parent.get('params.eval_max_new_tokens')} new tokens each, {parent.get('params.threads')} "
                   "thread(s).", "", "### Drafters (greedy)", "",
-                  markdown_table(drafter_table(kids), list(drafter_table(kids).columns)), "",
-                  "### MAL by γ (greedy)", "", markdown_table(gamma_table(kids), list(gamma_table(kids).columns))]
+                  markdown_table(drafter_table(kids)), "",
+                  "### MAL by γ (greedy)", "", markdown_table(gamma_table(kids))]
         st = sampling_table(kids)
         if len(st):
-            lines += ["", "### Sampling", "", markdown_table(st, list(st.columns))]
+            lines += ["", "### Sampling", "", markdown_table(st)]
         ct = category_table(kids)
         lines += ["", f"### MAL per Spec-Bench category (engine, γ={parent.get('params.gamma')})", "",
-                  markdown_table(ct, list(ct.columns)), ""]
+                  markdown_table(ct), ""]
         for f in study_plots(kids, out.parent, stem):
             files.append(f)
             lines.append(f"![{f.stem}]({f.name})")

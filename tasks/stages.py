@@ -9,12 +9,13 @@ import hashlib
 import inspect
 import json
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
+from sd2.errors import writing
 from sd2.models import model_digest, sd2_home
 
 
@@ -214,9 +215,8 @@ _EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
 
 def _eval_config(p: dict) -> dict:
     """The eval key's config: options at their defaults are left out, so adding one keeps older keys valid."""
-    return {**{k: p.get(k, d) for k, d in (("limit", None), ("gamma", None), ("max_new_tokens", None),
-                                           ("threads", 1), ("temperature", 0.0), ("seed", 0), ("nonce", ""))},
-            **{k: p[k] for k in _EVAL_OPTIONS if p.get(k)}}
+    return {**{k: p[k] for k in ("limit", "gamma", "max_new_tokens", "threads", "temperature", "seed", "nonce")},
+            **{k: p[k] for k in _EVAL_OPTIONS if p[k]}}
 
 
 @task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts"), _eval_config), **_COMMON)
@@ -239,8 +239,9 @@ def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma:
                                               max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
                                               seed=seed, **opts), progress=False)
             tmp = out.with_name(out.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            df.to_csv(tmp / "records.csv", index=False)
-            write_json(res, tmp / "eval.json")
-            tmp.rename(out)
+            with writing(tmp, out):  # like every other stage output: no half-written dir, one clear disk error
+                tmp.mkdir(parents=True, exist_ok=True)
+                df.to_csv(tmp / "records.csv", index=False)
+                write_json(res, tmp / "eval.json")
+                tmp.rename(out)
     return str(out)
