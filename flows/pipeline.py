@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from sd2 import tracking
-from sd2.config import PipelineConfig, SweepGrid
+from sd2.config import EvalSettings, PipelineConfig, SweepConfig, SweepGrid  # noqa: F401 - SweepGrid re-exported
 from sd2.data import data_dir
 from sd2.report import markdown_table, plot_results
 from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
@@ -28,39 +28,6 @@ class DrafterSpec(BaseModel):
     name: str
     path: str
     params: dict = Field(default_factory=dict)
-
-
-class EvalSettings(BaseModel):
-    target: str = "smollm2-135m-instruct"
-    prompts: str | None = None
-    limit: int = Field(8, ge=1)
-    gamma: int = Field(4, ge=1)
-    max_new_tokens: int = Field(48, ge=1)
-    threads: int = Field(1, ge=1)
-    uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
-    more_gammas: list[int] = Field(default_factory=list, description="more γ values, greedy")
-    gamma_mode: Literal["replay", "engine"] = Field(
-        "replay", description="how more_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
-    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: limit)")
-    sampling_temperature: float | None = Field(None, gt=0, description="one more run at this temperature")
-    sampling_drafters: list[str] = Field(default_factory=list, description="drafter names for it; empty = all")
-
-
-class SweepConfig(BaseModel):
-    """A sparsity sweep over a trained drafter: each cell is prune → sparse fine-tune (→ evaluated later)."""
-
-    target: str = "smollm2-135m-instruct"
-    drafter: str = Field(..., description="dense drafter dir to prune (e.g. a self-distilled one)")
-    data: str = Field(..., description="distilled dataset dir: calibration and sparse fine-tuning data")
-    grid: SweepGrid = SweepGrid()
-    calib_samples: int = Field(16, ge=1)
-    seq_len: int = Field(256, ge=8)
-    ft_steps: int = Field(30, ge=0)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    threads: int = Field(1, ge=1)
-    cell_deployment: str | None = None
-    eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")
 
 
 def ensure_gpu_slot() -> None:
@@ -87,25 +54,36 @@ def _prefect_tags() -> dict:
 
 @flow(name="self-distill", log_prints=True)
 def self_distill(target: str, prompts: str, mode: str = "regenerate", limit: int = 64, max_new_tokens: int = 128,
-                 batch_size: int = 8, threads: int = 1) -> str:
+                 batch_size: int = 8, threads: int = 1, device: str = "auto", dtype: str = "auto") -> str:
     """The target answers the seed prompts itself; returns the dataset dir."""
-    return distill_task(target, prompts, mode, limit, max_new_tokens, batch_size, threads)
+    return distill_task(target, prompts, mode, limit, max_new_tokens, batch_size, threads, device=device, dtype=dtype)
 
 
 @flow(name="train-drafter", log_prints=True)
 def train_drafter(init: str, data: str, max_steps: int = 100, batch_size: int = 8, seq_len: int = 256,
-                  lr: float = 2e-4, threads: int = 1) -> str:
+                  lr: float = 2e-4, threads: int = 1, device: str = "auto", dtype: str = "auto") -> str:
     """Fine-tune a drafter (dense or sparse: masks are kept) on distilled data; returns the model dir."""
-    return train_task(init, data, max_steps, batch_size, seq_len, lr, threads)
+    return train_task(init, data, max_steps, batch_size, seq_len, lr, threads, device=device, dtype=dtype)
+
+
+def _run_cell(model: str, data: str, method: str, pattern: str, sparsity: float, calib_samples: int, seq_len: int,
+              sparse_ft_steps: int, train_batch_size: int, lr: float, threads: int, device: str = "auto",
+              dtype: str = "auto") -> dict:
+    """prune → sparse fine-tune (masks kept): the body of a sweep cell, in-process or as a deployment run."""
+    pruned = prune_task(model, method, pattern, sparsity, data, calib_samples, seq_len, threads, device=device,
+                        dtype=dtype)
+    final = train_task(pruned, data, sparse_ft_steps, train_batch_size, seq_len, lr, threads, device=device,
+                       dtype=dtype) if sparse_ft_steps else pruned
+    return {"method": method, "pattern": pattern, "sparsity": sparsity, "pruned": pruned, "model": final}
 
 
 @flow(name="sweep-cell", log_prints=True)
 def sweep_cell(model: str, data: str, method: str, pattern: str, sparsity: float, calib_samples: int = 16,
-               seq_len: int = 256, ft_steps: int = 30, batch_size: int = 8, lr: float = 2e-4, threads: int = 1) -> dict:
+               seq_len: int = 256, sparse_ft_steps: int = 30, train_batch_size: int = 8, lr: float = 2e-4,
+               threads: int = 1, device: str = "auto", dtype: str = "auto") -> dict:
     """One cell of a sweep, runnable on its own (a deployment lets remote workers take cells)."""
-    pruned = prune_task(model, method, pattern, sparsity, data, calib_samples, seq_len, threads)
-    final = train_task(pruned, data, ft_steps, batch_size, seq_len, lr, threads) if ft_steps else pruned
-    return {"method": method, "pattern": pattern, "sparsity": sparsity, "pruned": pruned, "model": final}
+    return _run_cell(model, data, method, pattern, sparsity, calib_samples, seq_len, sparse_ft_steps,
+                     train_batch_size, lr, threads, device, dtype)
 
 
 @task(name="remote-cell", retries=1)
@@ -128,30 +106,47 @@ def _failed_cell(log, c: dict, exc: Exception) -> dict:
     return {**c, "error": msg}
 
 
+class CellsFailed(RuntimeError):
+    """Some sweep cells failed for a reason the form could not know (a pattern that does not divide a layer, out
+    of memory, a corrupt model): the other cells finished and were logged, but the run must not look green."""
+
+    def __init__(self, failed: list[dict]):
+        self.failed = failed
+        super().__init__(f"{len(failed)} sweep cell(s) failed: " + "; ".join(
+            f"{_cell_name(c)}: {c['error']}" for c in failed) + " (the other drafters finished and are in MLflow)")
+
+
+def _report_failed_cells(cells: list[dict]) -> None:
+    """A markdown artifact listing the failed cells (shown on the flow run), then the run fails."""
+    failed = [c for c in cells if "error" in c]
+    if failed:
+        create_markdown_artifact(key="sd2-failed-cells", description="sweep cells that failed", markdown=(
+            "# Failed sweep cells\n\n" + "\n".join(f"- **{_cell_name(c)}**: {c['error']}" for c in failed)))
+        raise CellsFailed(failed)
+
+
 @flow(name="prune-sweep", log_prints=True)
-def prune_sweep(config: SweepConfig) -> list[dict]:
+def prune_sweep(config: SweepConfig, fail_on_failed_cells: bool = True) -> list[dict]:
     """Method × pattern × sparsity cells, one after another in this process, or fanned out as runs of the
-    `sweep-cell` deployment on a work pool; an impossible cell is reported and the others still run."""
+    `sweep-cell` deployment on a work pool; an impossible cell is reported and the others still run. The run
+    then ends Failed naming the failed cells (inside the pipeline, the pipeline does that at its end)."""
     log = get_run_logger()
     ensure_gpu_slot()
-    cells = config.grid.cells()
+    cells = config.sweep.cells()
     done = []
     remote = []
     for c in cells:
         params = dict(model=config.drafter, data=config.data, method=c["method"], pattern=c["pattern"],
                       sparsity=c["sparsity"], calib_samples=config.calib_samples, seq_len=config.seq_len,
-                      ft_steps=config.ft_steps, batch_size=config.batch_size, lr=config.lr, threads=config.threads)
+                      sparse_ft_steps=config.sparse_ft_steps, train_batch_size=config.train_batch_size, lr=config.lr,
+                      threads=config.threads, device=config.device, dtype=config.dtype)
         if config.cell_deployment:  # cells run concurrently on the workers of a pool
             remote.append((c, _remote_cell.submit(config.cell_deployment, params)))
             continue
         # In-process cells run one after another: loading models in several threads at once is not safe in
         # transformers (process-global loading state), and on one machine they would share the device anyway.
         try:
-            pruned = prune_task(params["model"], c["method"], c["pattern"], c["sparsity"], config.data,
-                                config.calib_samples, config.seq_len, config.threads)
-            final = (train_task(pruned, config.data, config.ft_steps, config.batch_size, config.seq_len, config.lr,
-                                config.threads) if config.ft_steps else pruned)
-            done.append({**c, "pruned": pruned, "model": final})
+            done.append({**c, **_run_cell(**params)})
         except Exception as exc:  # noqa: BLE001 - one bad cell must not sink the sweep
             done.append(_failed_cell(log, c, exc))
     for c, fut in remote:
@@ -165,8 +160,12 @@ def prune_sweep(config: SweepConfig) -> list[dict]:
                                         "init": config.drafter}) for r in done if "model" in r]
         parent = tracking.start_parent(config.eval.target, "prune-sweep", tags=_prefect_tags(),
                                        params=json.loads(config.model_dump_json()))
-        evaluate_drafters(drafters, config.eval, parent_run_id=parent, dataset=config.data)
-        tracking.end_run(parent)
+        try:
+            evaluate_drafters(drafters, config.eval, parent_run_id=parent, dataset=config.data)
+        finally:
+            tracking.end_run(parent, "FAILED" if any("error" in r for r in done) else "FINISHED")
+    if fail_on_failed_cells:
+        _report_failed_cells(done)
     return done
 
 
@@ -180,20 +179,20 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         parent_run_id = tracking.start_parent(settings.target, "evaluate-drafters", tags=_prefect_tags())
     rows, run_ids = [], []
     nonce = datetime.now(timezone.utc).isoformat() if fresh else ""  # a new key: fresh timings, not a cache hit
-    replay = sorted({settings.gamma, *settings.more_gammas}) if (
-        settings.more_gammas and settings.gamma_mode == "replay" and not settings.uag) else None
+    replay = sorted({settings.gamma, *settings.eval_gammas}) if (
+        settings.eval_gammas and settings.eval_gamma_mode == "replay" and not settings.uag) else None
     for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
         def run(gamma: int, temperature: float = 0.0, **kw) -> Path:
             return Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, gamma,
                                   settings.max_new_tokens, settings.threads, temperature=temperature, nonce=nonce,
-                                  uag=settings.uag, **kw))
+                                  uag=settings.uag, device=settings.device, dtype=settings.dtype, **kw))
 
         out = run(settings.gamma, replay_gammas=replay, replay_limit=settings.replay_limit if replay else None)
         res = json.loads((out / "eval.json").read_text())
         records = pd.read_csv(out / "records.csv")
         res["extra"] = {}
         if not replay:
-            for g in settings.more_gammas:
+            for g in settings.eval_gammas:
                 if g != settings.gamma:
                     res["extra"][f"g{g}"] = _brief(run(g))
         t = settings.sampling_temperature
@@ -284,16 +283,19 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
     tracking.check_reachable()
     parent = tracking.start_parent(cfg.target, cfg.name, tags=_prefect_tags(),
                                    params=json.loads(cfg.model_dump_json()))
+    where = dict(device=cfg.device, dtype=cfg.dtype)
     try:
         data = self_distill(cfg.target, seeds, cfg.distill_mode, cfg.distill_limit, cfg.distill_max_new_tokens,
-                            cfg.distill_batch_size, cfg.threads)
+                            cfg.distill_batch_size, cfg.threads, **where)
         base_model = cfg.drafter_base or cfg.target
-        base = derive_task(base_model, cfg.drafter_layers)
-        dense = train_drafter(base, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
-        cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, grid=cfg.sweep,
+        base = derive_task(base_model, cfg.drafter_layers, dtype=cfg.dtype)
+        dense = train_drafter(base, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
+                              **where)
+        cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
-                                        ft_steps=cfg.sparse_ft_steps, batch_size=cfg.train_batch_size, lr=cfg.lr,
-                                        threads=cfg.threads, cell_deployment=cfg.cell_deployment))
+                                        sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
+                                        lr=cfg.lr, threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
+                            fail_on_failed_cells=False)
         common = {"init": base_model, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         drafters = [DrafterSpec(name="derived-untuned", path=base, params={**common, "kind": "untuned",
@@ -301,8 +303,9 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                     DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"})]
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
             ref = self_distill(cfg.target, seeds, "reference", cfg.distill_limit, cfg.distill_max_new_tokens,
-                               cfg.distill_batch_size, cfg.threads)
-            sft = train_drafter(base, ref, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads)
+                               cfg.distill_batch_size, cfg.threads, **where)
+            sft = train_drafter(base, ref, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
+                                **where)
             drafters.append(DrafterSpec(name="dense-plain-sft", path=sft, params={
                 **common, "kind": "plain-sft", "distill.mode": "reference"}))
         for c in cells:
@@ -311,37 +314,42 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                     **common, "kind": "sparse", "prune": {k: c[k] for k in ("method", "pattern", "sparsity")},
                     "sparse_ft.steps": cfg.sparse_ft_steps}))
         if cfg.layer_baseline:
-            for ref_cell in _layer_match_cells(cells, cfg):
-                if cfg.layer_baseline_from == "dense":  # same budget as a sparse cell: dense training + short FT
-                    lp = layer_match_task(dense, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len)
-                    steps = cfg.sparse_ft_steps
-                else:
-                    lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len)
-                    steps = cfg.train_steps
-                lp_ft = train_drafter(lp, data, steps, cfg.train_batch_size, cfg.seq_len, cfg.lr,
-                                      cfg.threads) if steps else lp
-                drafters.append(DrafterSpec(
-                    name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
-                        **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell),
-                        "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,
-                        "layer_baseline.ft_steps": steps}))
+            drafters += _layer_baselines(cfg, cells, dense, base_model, data, common)
         uag = base_model != cfg.target and not _same_tokenizer(base_model, cfg.target)
         settings = EvalSettings(target=cfg.target, prompts=cfg.eval_prompts, limit=cfg.eval_limit, gamma=cfg.gamma,
                                 max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads, uag=uag,
-                                more_gammas=cfg.eval_gammas, gamma_mode="engine" if uag else cfg.eval_gamma_mode,
+                                eval_gammas=cfg.eval_gammas, eval_gamma_mode="engine" if uag else cfg.eval_gamma_mode,
                                 replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
-                                sampling_drafters=cfg.sampling_drafters)
+                                sampling_drafters=cfg.sampling_drafters, **where)
         rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
                                  register_champion=cfg.register_champion)
-        failed = [c for c in cells if "error" in c]
-        if failed:
-            create_markdown_artifact(key="sd2-failed-cells", markdown="\n".join(
-                f"- {_cell_name(c)}: {c['error']}" for c in failed))
+        _report_failed_cells(cells)  # every other drafter is evaluated and logged; then the run is not green
         tracking.end_run(parent)
         return rows
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
+
+
+def _layer_baselines(cfg: PipelineConfig, cells: list[dict], dense: str, base_model: str, data: str,
+                     common: dict) -> list[DrafterSpec]:
+    """Layer-pruned drafters with the MACs of the chosen sparse cells, each given the budget its counterpart had."""
+    out = []
+    where = dict(device=cfg.device, dtype=cfg.dtype)
+    for ref_cell in _layer_match_cells(cells, cfg):
+        if cfg.layer_baseline_from == "dense":  # same budget as a sparse cell: dense training + short FT
+            lp = layer_match_task(dense, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len, **where)
+            steps = cfg.sparse_ft_steps
+        else:
+            lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len, **where)
+            steps = cfg.train_steps
+        lp_ft = train_drafter(lp, data, steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
+                              **where) if steps else lp
+        out.append(DrafterSpec(name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
+            **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell),
+            "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,
+            "layer_baseline.ft_steps": steps}))
+    return out
 
 
 @flow(name="nightly-eval", log_prints=True)

@@ -67,17 +67,19 @@ def eval_cmd(
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),
     replay_gammas: Optional[str] = typer.Option(
         None, help="e.g. 2,4,6: greedy MAL at these γ too, by exact replay (one drafter pass per prompt)"),
-    replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
+    replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """Speculative decoding of every prompt with the drafter, and target-only decoding, in one process."""
     from sd2.config import EvalConfig, ModelLoadOptions
-    from sd2.evaluate import run_eval, write_json
+    from sd2.evaluate import run_eval
+    from sd2.io import write_json
     from sd2.report import eval_table
 
     cfg = EvalConfig.build(target=target, drafter=drafter, prompts=prompts, categories=categories, limit=limit,
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
-                           replay_gammas=replay_gammas, replay_limit=replay_limit,
+                           replay_gammas=replay_gammas, replay_limit=replay_limit, device=device, dtype=dtype,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")
@@ -110,8 +112,12 @@ def distill_cmd(
     concurrency: int = typer.Option(8, help="concurrent requests (openai)"),
     api: str = typer.Option("chat", help="chat | completions (openai)"),
     served_model: Optional[str] = typer.Option(None, help="model name on the server (default: --target)"),
+    workers: int = typer.Option(1, help="generation processes over disjoint shards (hf backend; on a GPU node "
+                                "--device cuda uses one per visible GPU)"),
     allow_pickle: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
+    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """Self-data distillation: the target answers the seed prompts itself. Re-run the same command to resume."""
     from sd2.config import DistillConfig, ModelLoadOptions
@@ -121,7 +127,7 @@ def distill_cmd(
                               max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
                               temperature=temperature, seed=seed, threads=threads, overwrite=overwrite,
                               backend=backend, base_urls=base_url, api_key_env=api_key_env, concurrency=concurrency,
-                              api=api, served_model=served_model,
+                              api=api, served_model=served_model, workers=workers, device=device, dtype=dtype,
                               load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     path = distill(cfg)
     manifest = json.loads((path / "sd2_manifest.json").read_text())
@@ -153,6 +159,8 @@ def train_cmd(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
+    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """Fine-tune a drafter on distilled data (DeepSpeed ZeRO when configured); sparsity masks are kept exactly."""
     from sd2.config import TrainConfig
@@ -163,7 +171,7 @@ def train_cmd(
                             weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
                             kd_divergence=kd_divergence, save_steps=save_steps, resume=resume, deepspeed=deepspeed,
                             num_gpus=num_gpus, cpu_fallback=cpu_fallback, seed=seed, threads=threads,
-                            overwrite=overwrite)
+                            overwrite=overwrite, device=device, dtype=dtype)
     path = train(cfg)
     info = json.loads((path / "sd2_train.json").read_text())
     typer.echo(f"wrote {path}: {info['global_step']} steps, train loss {info['train_loss']:.4f}, "
@@ -178,7 +186,7 @@ def macs_cmd(
     out: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ):
     """MACs per token, counting only nonzero linear weights."""
-    from sd2.evaluate import write_json
+    from sd2.io import write_json
     from sd2.metrics import macs_per_token
     from sd2.models import load_model
 
@@ -206,13 +214,15 @@ def prune_cmd(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
+    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """One-shot pruning of the decoder's linear layers; writes zeros in place (plain safetensors)."""
     from sd2.prune import prune_to_dir
 
     meta = prune_to_dir(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
                         calib_samples=calib_samples, seq_len=seq_len, layer_filter=layer_filter, seed=seed,
-                        threads=threads, overwrite=overwrite)
+                        threads=threads, overwrite=overwrite, device=device, dtype=dtype)
     typer.echo(f"{method} {pattern} → sparsity {meta['sparsity']:.4f} over {len(meta['layers'])} layers "
                f"in {meta['seconds']:.1f}s → {out}")
 
@@ -232,13 +242,15 @@ def layer_prune_cmd(
     context: int = typer.Option(256, help="context length for --match-macs MACs"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
+    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """Drop decoder layers: an explicit list, or K layers chosen by strategy (optionally K matched on MACs)."""
     from sd2.prune.layers import layer_prune_to_dir
 
     info = layer_prune_to_dir(model, out, keep_layers=keep_layers, num_layers=num_layers, strategy=strategy,
                               match_macs=match_macs, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
-                              context=context, seed=seed, overwrite=overwrite)
+                              context=context, seed=seed, overwrite=overwrite, device=device, dtype=dtype)
     typer.echo(f"kept {len(info['kept_layers'])} of {info['source_layers']} layers {info['kept_layers']} → {out}")
 
 
@@ -277,9 +289,9 @@ def _orchestration_env() -> None:
 
 
 def _ui_state_file() -> Path:
-    from sd2.tracking import RUNS_DIR
+    from sd2.tracking import runs_dir
 
-    return Path(RUNS_DIR) / "ui.json"
+    return runs_dir() / "ui.json"
 
 
 def _alive(pids: list[int]) -> bool:
@@ -310,19 +322,31 @@ def _print_compare(parent: str | None = None, experiment: str | None = None, fmt
         raise UserError(f"--format {fmt!r}: use table, csv or json")
 
 
+def _failed_cells_exit(exc) -> None:
+    """Failed sweep cells: the table of what finished was printed; one line naming the cells, exit 1."""
+    typer.echo(f"sd2: error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
 def _run_pipeline(cfg) -> None:
     import time
 
-    from flows.pipeline import sd2_pipeline
+    from flows.pipeline import CellsFailed, sd2_pipeline
     from sd2 import tracking
 
     t0 = time.perf_counter()
-    sd2_pipeline(cfg)
+    failed = None
+    try:
+        sd2_pipeline(cfg)
+    except CellsFailed as exc:
+        failed = exc
     typer.echo(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; drafters (best theoretical speedup first):")
     _print_compare(experiment=tracking.experiment_name(cfg.target))
     uri = tracking.tracking_uri()
     typer.echo(f"\nbrowse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1   (or `sd2 ui` for both servers)"
                if not uri.startswith("http") else f"\nbrowse: {uri}")
+    if failed is not None:
+        _failed_cells_exit(failed)
 
 
 @app.command("demo")
@@ -351,14 +375,20 @@ def pipeline_cmd(config: Path = typer.Option(..., help="YAML file of PipelineCon
 
     from sd2.config import PipelineConfig
 
-    _orchestration_env()
     if not config.is_file():
         raise UserError(f"--config {config}: file not found")
     try:
         values = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"--config {config}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    _run_pipeline(PipelineConfig.build(**values))
+    if not isinstance(values, dict):
+        raise UserError(f"--config {config}: expected a mapping of PipelineConfig fields, got {type(values).__name__}")
+    try:
+        cfg = PipelineConfig.build(**values)
+    except UserError as exc:
+        raise UserError(f"--config {config}: {exc}") from None
+    _orchestration_env()  # after the checks: a bad value never waits for a server
+    _run_pipeline(cfg)
 
 
 @app.command("sweep")
@@ -370,25 +400,33 @@ def sweep_cmd(
     methods: str = typer.Option("sparsegpt", help="comma-separated: sparsegpt,wanda,magnitude"),
     patterns: str = typer.Option("unstructured", help="comma-separated: unstructured,2:4"),
     sparsities: str = typer.Option("0.5", help="comma-separated unstructured sparsities"),
-    ft_steps: int = typer.Option(30),
+    ft_steps: int = typer.Option(30, "--sparse-ft-steps", "--ft-steps", help="sparse fine-tuning steps per cell"),
     eval_limit: int = typer.Option(8),
     gamma: int = typer.Option(4),
     threads: int = typer.Option(1),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
 ):
     """A sparsity sweep (prune → sparse fine-tune → evaluate) logged to MLflow as one parent run."""
-    from flows.pipeline import EvalSettings, SweepConfig, prune_sweep
-    from sd2.config import SweepGrid
+    from flows.pipeline import CellsFailed, prune_sweep
+    from sd2.config import EvalSettings, SweepConfig, SweepGrid
 
-    _orchestration_env()
     try:
-        grid = SweepGrid.build(methods=[m for m in methods.split(",") if m],
-                               patterns=[p for p in patterns.split(",") if p],
-                               sparsities=[float(x) for x in sparsities.split(",") if x])
+        values = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError as exc:
-        raise UserError(f"--sparsities: {exc}") from None
-    cfg = SweepConfig(target=target, drafter=drafter, data=str(data), grid=grid, ft_steps=ft_steps, threads=threads,
-                      eval=EvalSettings(target=target, limit=eval_limit, gamma=gamma, threads=threads))
-    prune_sweep(cfg)
+        raise UserError(f"--sparsities: {exc}; give numbers in [0, 1) such as 0.3,0.5") from None
+    grid = SweepGrid.build(methods=[m for m in methods.split(",") if m],
+                           patterns=[p for p in patterns.split(",") if p], sparsities=values)
+    cfg = SweepConfig.build(target=target, drafter=drafter, data=str(data), sweep=grid, sparse_ft_steps=ft_steps,
+                            threads=threads, device=device, dtype=dtype,
+                            eval=EvalSettings.build(target=target, limit=eval_limit, gamma=gamma, threads=threads,
+                                                    device=device, dtype=dtype))
+    _orchestration_env()  # after the checks: bad values never wait for a server
+    try:
+        prune_sweep(cfg)
+    except CellsFailed as exc:
+        _print_compare()
+        _failed_cells_exit(exc)
     _print_compare()
 
 
@@ -464,24 +502,31 @@ def ui_cmd(
     import time
     import urllib.request
 
-    from sd2.tracking import RUNS_DIR, tracking_uri
+    from sd2.tracking import local_artifact_root, runs_dir, tracking_uri
 
-    runs = Path(RUNS_DIR)
+    runs = runs_dir()
     runs.mkdir(parents=True, exist_ok=True)
     # Leases of concurrency slots on disk: a server that restarts while a stage holds the `gpu` slot lets the
     # lease expire instead of leaking the slot (the default in-memory leases are lost, the slot stays taken).
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASES)
     env.pop("MLFLOW_TRACKING_URI", None)
+    # The browser UI calls the API at PREFECT_UI_API_URL (else host:4200): point it at the port started here.
+    prefect_env = dict(env, PREFECT_UI_API_URL=f"http://{host}:{prefect_port}/api", PREFECT_SERVER_API_HOST=host,
+                       PREFECT_SERVER_API_PORT=str(prefect_port))
+    prefect_env.pop("PREFECT_API_URL", None)
     store = tracking_uri() if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http") else \
         f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+    # Artifacts of runs made through the server land beside those of the embedded default (sd2-runs/artifacts).
+    artifacts = local_artifact_root() if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http") else None
+    artifacts = artifacts or runs / "artifacts"
     bindir = Path(sys.executable).parent
     logs = {n: open(runs / f"{n}.log", "a") for n in ("prefect", "mlflow")}
     procs = [
         subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
-                         stdout=logs["prefect"], stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                         stdout=logs["prefect"], stderr=subprocess.STDOUT, env=prefect_env, start_new_session=True),
         subprocess.Popen([str(bindir / "mlflow"), "server", "--backend-store-uri", store, "--host", host, "--port",
                           str(mlflow_port), "--workers", "1", "--artifacts-destination",
-                          str((runs / "mlflow-artifacts").resolve())],
+                          str(artifacts)],
                          stdout=logs["mlflow"], stderr=subprocess.STDOUT, env=env, start_new_session=True),
     ]
     urls = {"prefect_api_url": f"http://{host}:{prefect_port}/api", "prefect_ui": f"http://{host}:{prefect_port}",

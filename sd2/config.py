@@ -2,16 +2,74 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import logging
+from typing import ClassVar
 
-from sd2.errors import UserError, pydantic_message
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sd2.errors import PATTERN_HINTS, UserError, pydantic_message
+
+# One vocabulary, defined once: the CLI, the flows, prefect.yaml and the library all use these.
+DEFAULT_TARGET = "smollm2-135m-instruct"
+Method = Literal["sparsegpt", "wanda", "magnitude"]
+METHODS: tuple[str, ...] = get_args(Method)
+FastPath = Literal["none", "drafter-fp16", "fp16"]
+FAST_PATHS: tuple[str, ...] = get_args(FastPath)
+_DEVICE_RE = r"^(auto|cpu|cuda(:\d+)?)$"
+_PATTERN_RE = r"^(unstructured|[1-9]\d*:[1-9]\d*)$"
+_LAYERS_RE = r"^\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*$"
+PATTERN_HINTS.update({_DEVICE_RE: "auto, cpu, cuda or cuda:N", _PATTERN_RE: "unstructured or N:M such as 2:4",
+                      _LAYERS_RE: "a list of layers and ranges such as '0-8,-1' (negative = from the end)"})
+Device = Annotated[str, Field(pattern=_DEVICE_RE,
+                              description="auto (first GPU when one exists, else CPU) | cpu | cuda | cuda:N")]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+def _check_pattern(p: str) -> str:
+    from sd2.prune.masks import parse_pattern  # light module; raises a ValueError naming the fix
+
+    parse_pattern(p)
+    return p
+
+
+def _check_layers(spec: str) -> str:
+    parts = [q.strip() for q in spec.split(",") if q.strip()]
+    if not parts or not all(re.fullmatch(r"-?\d+(\s*-\s*-?\d+)?", q) for q in parts):
+        raise ValueError("use a list of layer indices and ranges such as '0-8,-1' (negative = from the end)")
+    return spec
+
+
+# Constrained scalar types: the constraints travel into the JSON schema, so the Prefect UI form shows and
+# enforces them too.
+Sparsity = Annotated[float, Field(ge=0.0, lt=1.0, description="share of weights set to zero, in [0, 1)")]
+Pattern = Annotated[str, Field(pattern=_PATTERN_RE,
+                               description="unstructured, or N:M with 0 < N < M such as 2:4"),
+                    AfterValidator(_check_pattern)]
+Gamma = Annotated[int, Field(ge=1, le=64, description="draft tokens per verification")]
+LayerList = Annotated[str, Field(pattern=_LAYERS_RE,
+                                 description="layers kept, e.g. '0-8,-1' (negative = from the end)"),
+                      AfterValidator(_check_layers)]
 
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields renamed so that one name runs from YAML to the Prefect form to the CLI: the old names are still
+    # read (with a deprecation line) for one release.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, values):
+        if isinstance(values, dict) and cls.renamed:
+            for old, new in cls.renamed.items():
+                if old in values and new not in values:
+                    logging.getLogger("sd2").warning("%s: field %r is deprecated; call it %r", cls.__name__, old, new)
+                    values = {**{k: v for k, v in values.items() if k != old}, new: values[old]}
+        return values
 
     @classmethod
     def build(cls, **values):
@@ -29,19 +87,26 @@ class ModelLoadOptions(_Base):
     trust_remote_code: bool = False
 
 
+class DevicePlacement(_Base):
+    """Where a stage runs and in which dtype (see sd2.device.resolve_device)."""
+
+    device: Device = "auto"
+    dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
+
+
 class DecodeConfig(_Base):
     """Decoding parameters of one speculative-decoding evaluation."""
 
-    gamma: int = Field(4, ge=1, description="draft tokens proposed per target verification pass")
+    gamma: Gamma = 4
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     seed: int = 0
 
 
-class EvalConfig(DecodeConfig):
+class EvalConfig(DecodeConfig, DevicePlacement):
     """`sd2 eval`: one target, one drafter, a set of prompts."""
 
-    target: str = "smollm2-135m-instruct"
+    target: str = DEFAULT_TARGET
     drafter: str
     prompts: Path | None = Field(None, description="JSONL prompts file; default: Spec-Bench from the data dir")
     categories: list[str] | None = None
@@ -49,9 +114,9 @@ class EvalConfig(DecodeConfig):
     threads: int | None = Field(None, ge=1)
     uag: bool = Field(False, description="allow a drafter with another tokenizer (Universal Assisted Generation)")
     context: int = Field(256, ge=0, description="context length at which attention MACs are counted")
-    fast_path: Literal["none", "drafter-fp16", "fp16"] = Field(
+    fast_path: FastPath = Field(
         "none", description="CPU numeric path: fp16-packed GEMMs for the drafter, or for both models")
-    replay_gammas: list[int] | None = Field(
+    replay_gammas: list[Gamma] | None = Field(
         None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
     replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")
     load: ModelLoadOptions = ModelLoadOptions()
@@ -73,10 +138,10 @@ class EvalConfig(DecodeConfig):
         return v or None
 
 
-class DistillConfig(_Base):
+class DistillConfig(DevicePlacement):
     """`sd2 distill`: the target answers (or rewrites, guided by the reference) each seed prompt."""
 
-    target: str = "smollm2-135m-instruct"
+    target: str = DEFAULT_TARGET
     prompts: str = Field(..., description="JSONL seed file or HF dataset id")
     out: Path
     mode: Literal["regenerate", "rewrite", "reference"] = Field(
@@ -99,10 +164,12 @@ class DistillConfig(_Base):
     served_model: str | None = Field(None, description="model name on the server (default: --target)")
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(4, ge=0)
+    workers: int = Field(1, ge=1, description="in-process generation workers over disjoint shards (hf backend); "
+                         "on a GPU node one per visible GPU; the merged dataset equals one worker's")
     load: ModelLoadOptions = ModelLoadOptions()
 
 
-class TrainConfig(_Base):
+class TrainConfig(DevicePlacement):
     """`sd2 train`: fine-tune a drafter on a distilled dataset; sparsity masks of the init model are kept."""
 
     init: str
@@ -133,21 +200,18 @@ class TrainConfig(_Base):
 class SweepGrid(_Base):
     """Grid of one-shot pruning cells: method × pattern × sparsity (N:M patterns imply their sparsity)."""
 
-    methods: list[Literal["sparsegpt", "wanda", "magnitude"]] = ["sparsegpt"]
-    patterns: list[str] = ["unstructured"]
-    sparsities: list[float] = [0.5]
+    methods: list[Method] = Field(["sparsegpt"], min_length=1)
+    patterns: list[Pattern] = Field(["unstructured"], min_length=1)
+    sparsities: list[Sparsity] = Field([0.5], min_length=1, description="sparsities of the unstructured cells")
 
     def cells(self) -> list[dict]:
+        from sd2.prune.masks import parse_pattern
+
         out, seen = [], set()
         for m in self.methods:
             for p in self.patterns:
-                for s in (self.sparsities if p == "unstructured" else [None]):
-                    if s is None:
-                        try:
-                            n, mm = (int(x) for x in p.split(":"))
-                            s = round(1 - n / mm, 4)
-                        except ValueError:
-                            s = float("nan")
+                nm = parse_pattern(p)
+                for s in (self.sparsities if nm is None else [round(1 - nm[0] / nm[1], 4)]):
                     key = (m, p, s)
                     if key not in seen:
                         seen.add(key)
@@ -175,25 +239,25 @@ class PipelineConfig(_Base):
 
     name: str = "sd2-pipeline"
     profile: Literal["tiny", "quick", "full"] = "quick"
-    target: str = "smollm2-135m-instruct"
+    target: str = DEFAULT_TARGET
     seed_prompts: str | None = Field(None, description="seed JSONL or HF id (default: Dolly subset in the data dir)")
     eval_prompts: str | None = Field(None, description="evaluation JSONL (default: Spec-Bench)")
     distill_mode: Literal["regenerate", "rewrite"] = "regenerate"
-    drafter_layers: str = Field("0-8,-1", description="layers of the target kept in the derived drafter")
+    drafter_layers: LayerList = Field("0-8,-1", description="layers of the target kept in the derived drafter")
     drafter_base: str | None = Field(
         None, description="model the drafter is derived from (default: the target); another family's model "
         "(other tokenizer) makes a Universal Assisted Generation study")
     sweep: SweepGrid = SweepGrid()
     sft_baseline: bool = Field(False, description="add a drafter fine-tuned on the seed answers (plain SFT)")
     layer_baseline: bool = Field(True, description="add layer-pruned drafters with MACs matched to sparse cells")
-    layer_match: list[float] = Field(
+    layer_match: list[Sparsity] = Field(
         default_factory=lambda: [0.5], description="sparsities of the first method's unstructured cells that "
         "layer-pruned drafters are matched to (in MACs); the first cell when none is in the sweep")
     layer_baseline_from: Literal["dense", "derived"] = Field(
         "dense", description="dense: drop layers of the self-distilled drafter, then fine-tune as long as a "
         "sparse cell (same budget); derived: drop layers of the drafter base, then train as long as the dense one")
-    gamma: int = Field(4, ge=1)
-    eval_gammas: list[int] = Field(default_factory=list, description="more γ values to evaluate greedily")
+    gamma: Gamma = 4
+    eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values to evaluate greedily")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="replay: exact greedy replay (one drafter pass per prompt; same tokenizer only); "
         "engine: a full speculative run per γ (always used for cross-tokenizer drafters)")
@@ -202,7 +266,9 @@ class PipelineConfig(_Base):
     sampling_drafters: list[str] = Field(default_factory=list,
                                          description="drafters (by name) of the sampling run; empty = all")
     threads: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    device: Device = "auto"
+    dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
+    lr: float = Field(2e-4, gt=0, le=1.0)
     register_champion: bool = True
     cell_deployment: str | None = Field(
         None, description="run sweep cells as runs of this deployment (e.g. 'sweep-cell/sweep-cell') so several "
@@ -225,3 +291,47 @@ class PipelineConfig(_Base):
             if vals.get(k) is None:
                 vals[k] = v
         return PipelineConfig(**vals)
+
+
+class EvalSettings(_Base):
+    """How the drafters of a pipeline or sweep are evaluated (a sub-form of the Prefect UI)."""
+
+    renamed: ClassVar[dict[str, str]] = {"more_gammas": "eval_gammas", "gamma_mode": "eval_gamma_mode"}
+
+    target: str = DEFAULT_TARGET
+    prompts: str | None = None
+    limit: int = Field(8, ge=1)
+    gamma: Gamma = 4
+    max_new_tokens: int = Field(48, ge=1)
+    threads: int = Field(1, ge=1)
+    device: Device = "auto"
+    dtype: DType = "auto"
+    uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
+    eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
+    eval_gamma_mode: Literal["replay", "engine"] = Field(
+        "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: limit)")
+    sampling_temperature: float | None = Field(None, gt=0, description="one more run at this temperature")
+    sampling_drafters: list[str] = Field(default_factory=list, description="drafter names for it; empty = all")
+
+
+class SweepConfig(_Base):
+    """A sparsity sweep over a trained drafter: each cell is prune → sparse fine-tune (→ evaluated later)."""
+
+    renamed: ClassVar[dict[str, str]] = {"grid": "sweep", "ft_steps": "sparse_ft_steps",
+                                         "batch_size": "train_batch_size"}
+
+    target: str = DEFAULT_TARGET
+    drafter: str = Field(..., description="dense drafter dir to prune (e.g. a self-distilled one)")
+    data: str = Field(..., description="distilled dataset dir: calibration and sparse fine-tuning data")
+    sweep: SweepGrid = SweepGrid()
+    calib_samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=8)
+    sparse_ft_steps: int = Field(30, ge=0)
+    train_batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    threads: int = Field(1, ge=1)
+    device: Device = "auto"
+    dtype: DType = "auto"
+    cell_deployment: str | None = None
+    eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")

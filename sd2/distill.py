@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from sd2.config import DistillConfig
 from sd2.data import Prompt, encode_prompt, file_digest, load_prompts
 from sd2.errors import UserError, writing
-from sd2.evaluate import atomic_write_text, torch_threads, write_json
+from sd2.device import torch_threads
+from sd2.io import atomic_write_text, write_json
 from sd2.models import check_output_dir, load_model, model_digest
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
         mask[i, width - len(e):] = 1
     torch.manual_seed(seed)
     kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                         **kwargs)
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id]) | {tok.eos_token_id}
     results = []
@@ -93,7 +94,7 @@ def _words(text: str) -> list[int]:
     return [hash(w) for w in text.split()]
 
 
-def _generator(cfg: DistillConfig):
+def _generator(cfg: DistillConfig, placement=None):
     """(generate(requests, seed) → [(text, token ids | None, truncated, error | None)], target digest, info)."""
     if cfg.mode == "reference":
         return None, "none (reference answers, no generation)", {}
@@ -109,7 +110,10 @@ def _generator(cfg: DistillConfig):
             return backend.generate(requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                     seed=seed)
         return gen, f"served:{served}", {"served_model": served, "served_models": names, "base_urls": backend.urls}
-    model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
+    if placement is None:  # several workers: each loads the target on its own device (_worker)
+        return None, model_digest(cfg.target), {}
+    model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code,
+                            placement=placement)
     if tok is None:
         raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
 
@@ -119,27 +123,33 @@ def _generator(cfg: DistillConfig):
     return gen, model_digest(cfg.target), {}
 
 
-def distill(cfg: DistillConfig, progress: bool = True) -> Path:
-    """Run (or resume) self-data distillation; returns the finished dataset dir.
-
-    Requests that fail (server backend) are recorded in their shard and retried on the next run of the same
-    command; everything else is kept.
-    """
-    import datasets
-
-    out = Path(cfg.out)
-    check_output_dir(out, cfg.overwrite)
+def _check_seeds(cfg: DistillConfig) -> list[Prompt]:
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)
     if cfg.mode in ("rewrite", "reference"):
         missing = [p.id for p in prompts if not p.reference]
         if missing:
             raise UserError(f"--mode {cfg.mode}: {len(missing)} seed record(s) have no reference answer "
                             f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
-    seed_path = Path(str(cfg.prompts))
-    seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
-    gen, target_digest, backend_info = _generator(cfg)
-    key = _run_key(cfg, target_digest, seed_digest)
+    return prompts
 
+
+def _placement(cfg: DistillConfig):
+    """Device plan of the in-process backend: one worker per visible GPU unless --workers says otherwise."""
+    from sd2 import device as devices
+    from sd2.models import resolve_spec
+
+    if cfg.backend != "hf" or cfg.mode == "reference":
+        if cfg.workers > 1:
+            raise UserError("--workers: only the in-process (hf) backend generates with workers; an OpenAI-compatible "
+                            "server is scaled with --concurrency and several --base-url")
+        return None
+    pinned = cfg.device.startswith("cuda:") or cfg.device == "cpu"
+    workers = cfg.workers if cfg.workers > 1 or pinned else None
+    return devices.resolve(cfg.device, cfg.dtype, resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
+
+
+def _open_work(out: Path, key: dict) -> Path:
+    """The `<out>.partial/` dir of this run (resumed when its arguments match); returns its shards dir."""
     work = out.with_name(out.name + ".partial")
     shards = work / "shards"
     state = work / "run.json"
@@ -151,56 +161,111 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         log.info("resuming from %s (%d shard(s) done)", work, len(list(shards.glob("*.jsonl"))))
     shards.mkdir(parents=True, exist_ok=True)
     write_json(key, state)
+    return shards
 
-    t0 = time.perf_counter()
+
+def _run_shards(cfg: DistillConfig, prompts: list[Prompt], shards: Path, gen, shard_ids, bar) -> int:
+    """Generate the given shards (skipping finished ones, retrying failed requests); returns generated tokens.
+    Each batch's seed depends only on its shard and position, so any split over workers gives the same rows."""
     gen_tokens = 0
     # the server backend sends a whole shard at once (its concurrency bounds the requests in flight)
     step = cfg.shard_size if cfg.backend == "openai" else cfg.batch_size
-    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
-    bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
-    with torch_threads(cfg.threads):
-        for s in range(n_shards):
-            shard_file = shards / f"shard-{s:05d}.jsonl"
-            chunk = prompts[s * cfg.shard_size:(s + 1) * cfg.shard_size]
-            rows: list[dict | None] = [None] * len(chunk)
-            if shard_file.exists():
-                rows = [json.loads(line) for line in shard_file.read_text().splitlines()]
-                todo = [i for i, r in enumerate(rows) if r.get("error")]  # retry what failed last time
-                bar.update(len(chunk) - len(todo))
-                if not todo:
-                    continue
+    for s in shard_ids:
+        shard_file = shards / f"shard-{s:05d}.jsonl"
+        chunk = prompts[s * cfg.shard_size:(s + 1) * cfg.shard_size]
+        rows: list[dict | None] = [None] * len(chunk)
+        if shard_file.exists():
+            rows = [json.loads(line) for line in shard_file.read_text().splitlines()]
+            todo = [i for i, r in enumerate(rows) if r.get("error")]  # retry what failed last time
+            bar.update(len(chunk) - len(todo))
+            if not todo:
+                continue
+        else:
+            todo = list(range(len(chunk)))
+        # Batch prompts of similar length together (less left padding); rows keep the seed order.
+        todo.sort(key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
+        for b in range(0, len(todo), step):
+            idx = todo[b:b + step]
+            batch = [chunk[i] for i in idx]
+            if gen is None:
+                gens = [(p.reference.strip(), [], False, None) for p in batch]
             else:
-                todo = list(range(len(chunk)))
-            # Batch prompts of similar length together (less left padding); rows keep the seed order.
-            todo.sort(key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
-            for b in range(0, len(todo), step):
-                idx = todo[b:b + step]
-                batch = [chunk[i] for i in idx]
-                if gen is None:
-                    gens = [(p.reference.strip(), [], False, None) for p in batch]
-                else:
-                    gens = gen([request_text(p, cfg.mode) for p in batch], cfg.seed + s * 100_003 + b)
-                for i, p, (text, toks, truncated, error) in zip(idx, batch, gens):
-                    toks = toks if toks is not None else _words(text)
-                    gen_tokens += len(toks)
-                    rows[i] = {"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
-                               "truncated": truncated, "degenerate": is_degenerate(toks)}
-                    if error:
-                        rows[i]["error"] = error
-                        log.warning("request for %s failed: %s", p.id, error)
-                bar.update(len(batch))
-            atomic_write_text(shard_file, "".join(json.dumps(r) + "\n" for r in rows))
-    bar.close()
-    seconds = time.perf_counter() - t0
+                gens = gen([request_text(p, cfg.mode) for p in batch], cfg.seed + s * 100_003 + b)
+            for i, p, (text, toks, truncated, error) in zip(idx, batch, gens):
+                toks = toks if toks is not None else _words(text)
+                gen_tokens += len(toks)
+                rows[i] = {"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
+                           "truncated": truncated, "degenerate": is_degenerate(toks)}
+                if error:
+                    rows[i]["error"] = error
+                    log.warning("request for %s failed: %s", p.id, error)
+            bar.update(len(batch))
+        atomic_write_text(shard_file, "".join(json.dumps(r) + "\n" for r in rows))
+    return gen_tokens
+
+
+def _worker(cfg_json: str, shards: str, shard_ids: list[int], device: str, dtype: str) -> int:
+    """One generation worker (a spawned process): its own copy of the target on its device, its own shards."""
+    from sd2.device import Placement
+
+    cfg = DistillConfig.model_validate_json(cfg_json)
+    prompts = _check_seeds(cfg)
+    gen, _, _ = _generator(cfg, Placement(device, dtype))
+    with torch_threads(cfg.threads):
+        return _run_shards(cfg, prompts, Path(shards), gen, shard_ids, tqdm(disable=True))
+
+
+def _run_workers(cfg: DistillConfig, shards: Path, n_shards: int, where, bar) -> int:
+    """Shards dealt round-robin to one process per worker device; finished shards count on the bar as they land."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    devs = where.workers
+    parts = [list(range(w, n_shards, len(devs))) for w in range(len(devs))]
+    log.info("distilling with %d workers on %s", len(devs), ", ".join(devs))
+    with ProcessPoolExecutor(len(devs), mp_context=mp.get_context("spawn")) as pool:
+        futs = [pool.submit(_worker, cfg.model_dump_json(), str(shards), part, dev, where.dtype)
+                for part, dev in zip(parts, devs) if part]
+        pending = futs
+        while pending:
+            _, pending = wait(futs, timeout=2)
+            bar.n = min(bar.total, len(list(shards.glob("shard-*.jsonl"))) * cfg.shard_size)
+            bar.refresh()
+        return sum(f.result() for f in futs)  # re-raises a worker's error
+
+
+def _finish(cfg: DistillConfig, out: Path, shards: Path, key: dict, info: dict, n_seeds: int, gen_tokens: int,
+            seconds: float) -> Path:
+    """Filter the finished shards into the dataset and publish it atomically; the shards go afterwards."""
+    import datasets
 
     rows = [json.loads(line) for f in sorted(shards.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
     failed = [{"source_id": r["source_id"], "error": r["error"]} for r in rows if r.get("error")]
     if failed:
         raise UserError(f"{len(failed)} request(s) failed (first: {failed[0]['source_id']}: {failed[0]['error']}); "
-                        f"the {len(rows) - len(failed)} finished ones are kept in {work} — re-run the same command "
-                        "to retry the failed ones")
+                        f"the {len(rows) - len(failed)} finished ones are kept in {shards.parent} — re-run the same "
+                        "command to retry the failed ones")
+    kept, counts = _filter(rows, n_seeds)
+    manifest = {**key, **info, "counts": counts, "generated_tokens": gen_tokens,
+                "generation_seconds_this_run": round(seconds, 2),
+                "generated_tokens_per_s_this_run": round(gen_tokens / seconds, 2) if seconds else None,
+                "columns": list(COLUMNS) + ["category", "truncated"]}
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp, out):  # on failure the finished shards stay for the re-run
+        datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
+        write_json(manifest, tmp / "sd2_manifest.json")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    shutil.rmtree(shards.parent)
+    return out
+
+
+def _filter(rows: list[dict], n_seeds: int) -> tuple[list[dict], dict]:
+    """Drop empty, degenerate and duplicate responses (truncated ones are kept and flagged)."""
     kept, seen = [], set()
-    counts = {"seed_records": len(prompts), "empty": 0, "degenerate": 0, "duplicate": 0, "truncated_kept": 0}
+    counts = {"seed_records": n_seeds, "empty": 0, "degenerate": 0, "duplicate": 0, "truncated_kept": 0}
     for r in rows:
         if not r["response"]:
             counts["empty"] += 1
@@ -218,20 +283,40 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     if not kept:
         raise UserError(f"distillation produced no usable responses ({counts}); check the target and prompts")
     counts["kept"] = len(kept)
-    manifest = {**key, **backend_info, "counts": counts, "generated_tokens": gen_tokens,
-                "generation_seconds_this_run": round(seconds, 2),
-                "generated_tokens_per_s_this_run": round(gen_tokens / seconds, 2) if seconds else None,
-                "columns": list(COLUMNS) + ["category", "truncated"]}
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp, out):  # on failure the finished shards stay for the re-run
-        datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
-        write_json(manifest, tmp / "sd2_manifest.json")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    shutil.rmtree(work)
-    return out
+    return kept, counts
+
+
+def distill(cfg: DistillConfig, progress: bool = True) -> Path:
+    """Run (or resume) self-data distillation; returns the finished dataset dir.
+
+    Requests that fail (server backend) are recorded in their shard and retried on the next run of the same
+    command; everything else is kept. With several workers (one per GPU, or --workers on the CPU) shards are
+    dealt out to one process each; the merged dataset is the one a single worker makes.
+    """
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.overwrite)
+    prompts = _check_seeds(cfg)
+    where = _placement(cfg)
+    seed_path = Path(str(cfg.prompts))
+    seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
+    many = where is not None and len(where.workers) > 1
+    gen, target_digest, info = _generator(cfg, None if many else where)
+    key = _run_key(cfg, target_digest, seed_digest)
+    if where is not None and where.dtype != "float32":
+        key["dtype"] = where.dtype  # other numbers, other answers: never resume across dtypes
+    if where is not None:
+        info = {**info, "device": where.describe(), "workers": len(where.workers)}
+    shards = _open_work(out, key)
+    t0 = time.perf_counter()
+    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
+    bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
+    if many:
+        gen_tokens = _run_workers(cfg, shards, n_shards, where, bar)
+    else:
+        with torch_threads(cfg.threads):
+            gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), bar)
+    bar.close()
+    return _finish(cfg, out, shards, key, info, len(prompts), gen_tokens, time.perf_counter() - t0)
 
 
 def load_distilled(path: str | Path):

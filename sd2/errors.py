@@ -12,6 +12,10 @@ class UserError(ValueError):
     """Bad input the user can fix: the message names the field and the fix, on one line."""
 
 
+# What a schema regex means, in words (filled by sd2.config beside the types that carry the regex).
+PATTERN_HINTS: dict[str, str] = {}
+
+
 def pydantic_message(exc: Exception) -> str:
     """Turn a pydantic ValidationError into one line naming each bad field."""
     errors = getattr(exc, "errors", None)
@@ -21,6 +25,11 @@ def pydantic_message(exc: Exception) -> str:
     for err in errors():
         field = ".".join(str(p) for p in err.get("loc", ())) or "config"
         msg = err.get("msg", "invalid value")
+        pattern = (err.get("ctx") or {}).get("pattern")
+        if err.get("type") == "string_pattern_mismatch" and pattern in PATTERN_HINTS:
+            msg = f"use {PATTERN_HINTS[pattern]}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
         parts.append(f"{field.replace('_', '-')}: {msg} (got {err.get('input')!r})")
     return "; ".join(parts)
 

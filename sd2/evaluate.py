@@ -6,9 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -18,22 +15,14 @@ from tqdm.auto import tqdm
 from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
-from sd2.errors import UserError, writing
+from sd2.errors import UserError
+from sd2.device import torch_threads  # noqa: F401 - re-exported for older imports
 from sd2.fastpath import pack_fp16
-from sd2.models import load_model, model_digest, same_tokenizer, sd2_home
+from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
+from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
 from sd2.specdec import DecodeResult, SpecDecoder, Step, eos_ids
 
 
-@contextmanager
-def torch_threads(n: int | None):
-    """Pin torch's intra-op threads for a measurement, restoring them afterwards."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_token: float = 1.0) -> float:
@@ -117,8 +106,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         "cost_ratio": c, "theoretical_speedup": metrics.theoretical_speedup(summary["mal"], gamma, c),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
         "per_category": {},
-        "numeric_path": {"none": "fp32", "drafter-fp16": "fp32 target, fp16-packed drafter",
-                         "fp16": "fp16-packed target and drafter"}[fast_path],
+        "numeric_path": numeric_path(target, fast_path),
     }
     for cat, sub in df.groupby("category", sort=True):
         idx = list(sub.index)
@@ -217,6 +205,16 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     return out
 
 
+def numeric_path(model, fast_path: str = "none") -> str:
+    """How the target's numbers are computed: dtype, device and packing (lossless is judged within one path)."""
+    p = next(model.parameters())
+    base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(p.dtype, str(p.dtype))
+    if p.device.type != "cpu":
+        base += f" on {p.device}"
+    return {"none": base, "drafter-fp16": f"{base} target, fp16-packed drafter",
+            "fp16": "fp16-packed target and drafter"}[fast_path]
+
+
 def _summarize(base_res: list[DecodeResult], spec_res: list[DecodeResult], df: pd.DataFrame, gamma: int) -> dict:
     t_tps = df["target_tokens"].sum() / df["target_seconds"].sum()
     s_tps = df["spec_tokens"].sum() / df["spec_seconds"].sum()
@@ -226,10 +224,19 @@ def _summarize(base_res: list[DecodeResult], spec_res: list[DecodeResult], df: p
 
 def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """`sd2 eval`: load both models and the prompts, then evaluate_pair with threads pinned."""
+    from sd2 import device as devices
+
     prompts = load_prompts(cfg.prompts, cfg.categories, cfg.limit)
     opts = cfg.load
-    target, ttok = load_model(cfg.target, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
-    drafter, dtok = load_model(cfg.drafter, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code)
+    where = devices.resolve(cfg.device, cfg.dtype, resolve_spec(cfg.target, opts.allow_pickle))
+    if where.is_cuda and cfg.fast_path != "none":
+        raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
+                        f"{where.device} (or --device cpu)")
+    target, ttok = load_model(cfg.target, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code,
+                              placement=where)
+    # the drafter sits beside the target's first layers (a spread target keeps its embedding there)
+    drafter, dtok = load_model(cfg.drafter, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code,
+                               placement=devices.Placement(where.device, where.dtype))
     with torch_threads(cfg.threads):
         return evaluate_pair(target, ttok, drafter, dtok, prompts, gamma=cfg.gamma,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
@@ -240,33 +247,3 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
                                              if cfg.replay_gammas and cfg.replay_limit else None),
                              replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]
                                            if cfg.replay_gammas else None))
-
-
-def _finite(obj):
-    """NaN/inf are not JSON: write null instead (e.g. acceptance at a position never drafted)."""
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(None, path):  # mkstemp itself fails on a read-only or full disk
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with writing(tmp, path):
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results private to the writing user
-        os.replace(tmp, path)
-    return path
-
-
-def write_json(obj, path: str | Path) -> Path:
-    """Write JSON atomically (temp file + rename): a reader never sees half a result."""
-    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")

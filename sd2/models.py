@@ -190,14 +190,25 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     with_tokenizer: bool = True,
+    placement=None,
 ):
-    """Load (model, tokenizer) for SPEC in eval mode; safetensors only unless allow_pickle."""
+    """Load (model, tokenizer) for SPEC in eval mode; safetensors only unless allow_pickle.
+
+    `placement` (sd2.device.Placement) sets dtype and device: one GPU, or a model spread over several."""
     from transformers import AutoModelForCausalLM
 
     loc = resolve_spec(spec, allow_pickle=allow_pickle)
+    kwargs = {}
+    if placement is not None:
+        dtype = placement.torch_dtype
+        if placement.spread:
+            kwargs = {"device_map": "auto", "max_memory": dict(placement.max_memory)}
+        elif placement.is_cuda:
+            kwargs = {"device_map": {"": placement.device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            loc, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code
+            loc, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except OSError as exc:
         raise UserError(f"model {spec!r}: cannot load ({str(exc).splitlines()[0]})") from None

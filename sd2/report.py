@@ -360,7 +360,7 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
     from sd2 import tracking
     from sd2.config import PipelineConfig
     from sd2.errors import UserError
-    from sd2.evaluate import atomic_write_text
+    from sd2.io import atomic_write_text
 
     out = Path(out)
     names = []

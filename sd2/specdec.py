@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from sd2.device import synchronize
+
 
 @dataclass
 class Step:
@@ -110,7 +112,7 @@ class _SameVocabProposer:
         for _ in range(n):
             logits = self.d.forward(seq, keep=1)[-1]
             if self.temperature > 0:
-                q = _probs(logits, self.temperature)
+                q = _probs(logits.cpu(), self.temperature)
                 tok = int(torch.multinomial(q, 1, generator=self.gen))
                 qs.append(q)
             else:
@@ -150,7 +152,7 @@ class _CrossVocabProposer:
         for _ in range(n):
             logits = self.d.forward(seq, keep=1)[-1]
             if self.temperature > 0:
-                tok = int(torch.multinomial(_probs(logits, self.temperature), 1, generator=self.gen))
+                tok = int(torch.multinomial(_probs(logits.cpu(), self.temperature), 1, generator=self.gen))
             else:
                 tok = int(logits.argmax())
             if tok in self.deos:
@@ -191,7 +193,8 @@ class SpecDecoder:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, seed: int = 0,
                  drafter_prompt: list[int] | None = None) -> DecodeResult:
-        gen = torch.Generator().manual_seed(seed) if self.temperature > 0 else None
+        gen = torch.Generator().manual_seed(seed) if self.temperature > 0 else None  # sampling runs on CPU copies
+        synchronize(self.target.device)
         t0 = time.perf_counter()
         target = _Cached(self.target)
         proposer = None
@@ -226,6 +229,7 @@ class SpecDecoder:
             res.tokens.extend(new)
             if new[-1] in self.eos:
                 break
+        synchronize(self.target.device)
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -237,7 +241,7 @@ class SpecDecoder:
             while n < len(drafts) and drafts[n] == choice[n]:
                 n += 1
             return n, choice[n]
-        p = _probs(logits, self.temperature)
+        p = _probs(logits.cpu(), self.temperature)
         for i, d in enumerate(drafts):
             q_d = float(qs[i][d]) if qs is not None else 1.0
             r = float(torch.rand((), generator=gen))
@@ -268,13 +272,15 @@ def hf_assisted_generate(target, drafter, prompt: list[int], *, gamma: int, max_
     calls = [0]
     hook = target.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
+        synchronize(target.device)
         t0 = time.perf_counter()
         kwargs = {}
         if target_tokenizer is not None and drafter_tokenizer is not None:
             kwargs = {"tokenizer": target_tokenizer, "assistant_tokenizer": drafter_tokenizer}
-        inp = torch.tensor([prompt], dtype=torch.long)
+        inp = torch.tensor([prompt], dtype=torch.long, device=target.device)
         out = target.generate(inp, attention_mask=torch.ones_like(inp), assistant_model=drafter, do_sample=False,
                               max_new_tokens=max_new_tokens, **kwargs)
+        synchronize(target.device)
         secs = time.perf_counter() - t0
     finally:
         hook.remove()

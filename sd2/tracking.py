@@ -19,14 +19,43 @@ from sd2.errors import UserError
 RUNS_DIR = Path(os.environ.get("SD2_RUNS_DIR", "sd2-runs"))
 
 
+def runs_dir() -> Path:
+    """The folder that holds a local record of everything: MLflow's database and its artifacts, the journal."""
+    return Path(os.environ.get("SD2_RUNS_DIR", RUNS_DIR)).resolve()
+
+
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite file under ./sd2-runs/ (MLflow's default backend since 3.7)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    runs = Path(os.environ.get("SD2_RUNS_DIR", RUNS_DIR)).resolve()
+    runs = runs_dir()
     runs.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def local_artifact_root() -> Path | None:
+    """Where a local (sqlite/file) store keeps artifacts: beside its database, so `sd2-runs/` is the whole
+    record (MLflow's own default is `./mlruns` in whatever folder the experiment was first created). None for a
+    tracking server, which has its own artifact store."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "artifacts"
+    return None
+
+
+def set_experiment(mlflow, target: str):
+    """Get or create the target's experiment; a new local one gets its artifacts under sd2-runs/artifacts.
+    An existing experiment keeps its location (older ones with artifacts in ./mlruns keep working)."""
+    name = experiment_name(target)
+    exp = mlflow.get_experiment_by_name(name)
+    root = local_artifact_root()
+    if exp is None and root is not None:
+        try:
+            mlflow.create_experiment(name, artifact_location=(root / name.replace("/", "-")).as_uri())
+        except Exception:  # noqa: BLE001 - created meanwhile by another process: use theirs
+            pass
+    return mlflow.set_experiment(name)
 
 
 def target_slug(target: str) -> str:
@@ -78,7 +107,7 @@ def check_reachable() -> None:
 def _start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
     """Create the parent run of a pipeline or sweep; returns its run id (the run is left open for children)."""
     mlflow, client = _client()
-    exp = mlflow.set_experiment(experiment_name(target))
+    exp = set_experiment(mlflow, target)
     all_tags = {"sd2.kind": "pipeline", "git_sha": git_sha() or "unknown", **(tags or {})}
     run = client.create_run(exp.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
     for k, v in _flat(params or {}).items():
@@ -133,7 +162,7 @@ def _log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: 
     import mlflow
 
     mlflow, client = _client()
-    exp = mlflow.set_experiment(experiment_name(target))
+    exp = set_experiment(mlflow, target)
     tags = {"mlflow.parentRunId": parent_id, "sd2.kind": "drafter", "sd2.drafter": name,
             "git_sha": git_sha() or "unknown", **(extra_tags or {})}
     run = client.create_run(exp.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
@@ -322,7 +351,7 @@ PENDING_PREFIX = "pending-"
 
 
 def _pending_dir() -> Path:
-    return Path(os.environ.get("SD2_RUNS_DIR", RUNS_DIR)).resolve() / "pending"
+    return runs_dir() / "pending"
 
 
 def _journal() -> Path:

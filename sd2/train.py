@@ -25,7 +25,7 @@ from sd2.config import TrainConfig
 from sd2.data import encode_prompt
 from sd2.distill import load_distilled
 from sd2.errors import UserError
-from sd2.evaluate import write_json
+from sd2.io import write_json
 from sd2.models import check_output_dir, load_model, same_tokenizer
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             "or --overwrite to start over")
     load_distilled(cfg.data)  # fail fast on a bad data dir, before any process starts
     _validate_deepspeed(cfg)
-    gpus = torch.cuda.device_count()
+    where = _placement(cfg)
+    gpus = torch.cuda.device_count() if where.is_cuda else 0
     on_cpu = gpus == 0
+    if where.is_cuda and where.device != "cuda:0" and cfg.num_gpus > 1:
+        raise UserError(f"--device {cfg.device}: one GPU pinned, but --num-gpus {cfg.num_gpus}; use --device cuda "
+                        "(all visible GPUs) or --num-gpus 1")
     if cfg.num_gpus > max(gpus, 1) or (gpus and cfg.num_gpus > gpus):
         if not (on_cpu and cfg.cpu_fallback):
             raise UserError(f"--num-gpus {cfg.num_gpus}: only {gpus} GPU(s) here; lower it, or pass --cpu-fallback "
@@ -216,7 +220,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg_file.write_text(cfg.model_dump_json(indent=2))
     env = dict(os.environ)
     if on_cpu:
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(cfg.threads or 1))
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(cfg.threads or 1), CUDA_VISIBLE_DEVICES="")
         if not cfg.deepspeed:
             env["ACCELERATE_USE_CPU"] = "true"  # plain DDP over gloo
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.num_gpus),
@@ -230,15 +234,32 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
+def _placement(cfg: TrainConfig):
+    """Device and precision of training: fp32 master weights, the requested dtype as mixed precision (autocast),
+    and the saved weights in that dtype. fp16 mixed precision needs a GPU (its loss scaling is CUDA-only)."""
+    from sd2 import device as devices
+
+    where = devices.plan(cfg.device, cfg.dtype, devices.visible_gpus())
+    if where.dtype == "float16" and not where.is_cuda:
+        raise UserError("--dtype float16: fp16 mixed-precision training needs a GPU; use bfloat16 or float32 on the "
+                        "CPU")
+    return where
+
+
 def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     """The training itself; runs in the current process (one rank of a distributed launch, or alone)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from sd2.device import Placement
 
     out = Path(cfg.out)
     work = _work_dir(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
+    where = _placement(cfg)
+    if where.is_cuda and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(torch.device(where.device))  # a pinned GPU (cuda:N) for the in-process run
     model, tok = load_model(cfg.init, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
     model.train()
     ds = load_distilled(cfg.data)
@@ -254,12 +275,15 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     teacher = None
     if cfg.loss == "kd":
         teacher_spec = cfg.kd_target or _data_target(cfg.data)
-        teacher, ttok = load_model(teacher_spec)
+        # The teacher is replicated on each rank's device in the training dtype (no gradients, no optimizer
+        # state); targets larger than one GPU need precomputed teacher logits instead.
+        rank_dev = f"cuda:{os.environ.get('LOCAL_RANK', where.device.split(':')[-1])}" if where.is_cuda else "cpu"
+        teacher, ttok = load_model(teacher_spec, placement=Placement(rank_dev, where.dtype))
         if not same_tokenizer(tok, ttok):
             raise UserError(f"--loss kd: teacher {teacher_spec!r} has another tokenizer than the drafter")
         teacher.requires_grad_(False)
 
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not where.is_cuda
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accel_cfg = None
     if cfg.deepspeed and on_cpu and distributed:
@@ -280,6 +304,7 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         deepspeed=str(cfg.deepspeed) if cfg.deepspeed else None, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not progress, ddp_backend="gloo" if on_cpu and distributed and not cfg.deepspeed else None,
         max_grad_norm=1.0, save_only_model=False, accelerator_config=accel_cfg,
+        bf16=where.dtype == "bfloat16", fp16=where.dtype == "float16",
     )
 
     class _Masker(TrainerCallback):
@@ -310,11 +335,13 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_from)
 
     final_tmp = work / "final"
+    regrown = masks.regrown(trainer.model) if masks and trainer.is_world_process_zero() else 0
+    if regrown:
+        raise RuntimeError(f"{regrown} masked weights became nonzero during training")
+    if where.dtype != "float32" and getattr(trainer, "deepspeed", None) is None:
+        trainer.model.to(where.torch_dtype)  # saved in the requested dtype (DeepSpeed saves its 16-bit weights)
     trainer.save_model(str(final_tmp))  # all ranks: ZeRO-3 gathers the full weights here
     if trainer.is_world_process_zero():
-        regrown = masks.regrown(trainer.model) if masks else 0
-        if regrown:
-            raise RuntimeError(f"{regrown} masked weights became nonzero during training")
         tok.save_pretrained(final_tmp)
         (final_tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in sd2_train.json
         engine = getattr(trainer, "deepspeed", None)
@@ -326,7 +353,7 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
             "train_runtime_s": result.metrics.get("train_runtime"),
             "train_tokens_per_s": n_tokens * epochs / result.metrics["train_runtime"]
             if result.metrics.get("train_runtime") else None,
-            "world_size": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
+            "world_size": args.world_size, "device": where.describe(), "distributed_type": str(trainer.accelerator.distributed_type),
             "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
             "examples": len(examples), "dropped": dropped, "masked_layers": len(masks.masks),
             "mask_density": masks.density(), "regrown": regrown,

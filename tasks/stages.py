@@ -5,17 +5,17 @@ result, through Prefect's cache or, if that cache is gone, by finding the finish
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
-from sd2.errors import writing
 from sd2.models import model_digest, sd2_home
 
 
@@ -43,24 +43,70 @@ def stage_dir(stage: str, key: str) -> Path:
     return sd2_home() / "artifacts" / stage / key
 
 
-def _key_fn(stage: str, inputs: tuple[str, ...], config_of=None):
-    """Prefect cache key = the content key of the stage (the key that names its output dir) + the generation of
-    that dir. A generation (a uuid in `<dir>.gen`) is drawn whenever the dir is not complete, so a Prefect record
-    that outlived its output (deleted by hand, disk cleaned) is never served: the task runs and rebuilds the dir,
-    and its record, stored under the new generation, is served from then on."""
-    def fn(ctx, params):
-        bound = inspect.signature(ctx.task.fn).bind_partial(**params)
-        bound.apply_defaults()  # the output dir's key includes defaulted arguments too
-        params = dict(bound.arguments)
-        config = config_of(params) if config_of else {k: v for k, v in params.items() if k not in inputs}
-        key = stage_key(stage, config, {k: params.get(k) for k in inputs})
-        out = stage_dir(stage, key)
-        gen = out.with_name(out.name + ".gen")
-        if not (_done(out) and gen.exists()):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            gen.write_text(uuid.uuid4().hex)
-        return f"{key}-{gen.read_text().strip()}"
-    return fn
+def _generation_key(out: Path) -> str:
+    """The generation of an output dir (a uuid in `<dir>.gen`), drawn anew whenever the dir is not complete."""
+    gen = out.with_name(out.name + ".gen")
+    if not (_done(out) and gen.exists()):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        gen.write_text(uuid.uuid4().hex)
+    return gen.read_text().strip()
+
+
+def numeric_key(device: str = "auto", dtype: str = "auto") -> dict:
+    """What a placement adds to a stage's key: nothing for the CPU's fp32 (older keys stay valid), else the
+    resolved device type and dtype (a bf16 GPU run is another result than a CPU fp32 one)."""
+    from sd2.device import plan, visible_gpus
+
+    where = plan(device, dtype, visible_gpus())
+    kind = "cuda" if where.is_cuda else "cpu"
+    return {} if (kind, where.dtype) == ("cpu", "float32") else {"numeric": f"{kind}-{where.dtype}"}
+
+
+def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True, title: str | None = None):
+    """Make `fn(out, **params)` a cached, locked, idempotent pipeline stage (a Prefect task).
+
+    The key (one source of truth) hashes the stage name, its config — every parameter that is not an input
+    path, defaults included, or `key_config(params)` — and the content digests of its inputs; the output dir is
+    SD2_HOME/artifacts/<name>/<key>. The task computes the dir at most once (a file lock serialises sweeps that
+    share it; a finished dir is reused), holding a `gpu` slot while it works. Prefect's cache key is the content
+    key plus the dir's generation, so a record that outlived its output (deleted by hand, disk cleaned) is never
+    served: the task runs and rebuilds the dir, and its record, stored under the new generation, is served
+    from then on. Returns the output dir as a string."""
+    def deco(fn):
+        sig = inspect.signature(fn)
+        sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "out"])
+
+        def bound(args, kwargs) -> dict:
+            b = sig.bind(*args, **kwargs)
+            b.apply_defaults()  # the output dir's key includes defaulted arguments too
+            return dict(b.arguments)
+
+        def key_of(params: dict) -> str:
+            config = key_config(params) if key_config else {k: v for k, v in params.items() if k not in inputs}
+            if "device" in config or "dtype" in config:
+                config = {k: v for k, v in config.items() if k not in ("device", "dtype")}
+                config.update(numeric_key(params.get("device", "auto"), params.get("dtype", "auto")))
+            return stage_key(name, config, {k: params.get(k) for k in inputs})
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> str:
+            params = bound(args, kwargs)
+            out = stage_dir(name, key_of(params))
+            with stage_lock(out):
+                if not _done(out):
+                    with gpu_slot() if gpu else nullcontext():
+                        fn(out, **params)
+            return str(out)
+
+        run.__signature__ = sig
+        run.key_of = lambda *a, **kw: key_of(bound(a, kw))
+
+        def cache_key(ctx, params) -> str:
+            key = key_of(bound((), params))
+            return f"{key}-{_generation_key(stage_dir(name, key))}"
+
+        return task(name=title or name, cache_key_fn=cache_key, **_COMMON)(run)
+    return deco
 
 
 @contextmanager
@@ -131,83 +177,65 @@ _COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], retr
                log_prints=True)
 
 
-@task(name="self-distill", cache_key_fn=_key_fn("distill", ("target", "prompts")), **_COMMON)
-def distill_task(target: str, prompts: str, mode: str, limit: int, max_new_tokens: int, batch_size: int,
-                 threads: int = 1, seed: int = 0) -> str:
+@stage("distill", inputs=("target", "prompts"), title="self-distill")
+def distill_task(out: Path, target: str, prompts: str, mode: str, limit: int, max_new_tokens: int, batch_size: int,
+                 threads: int = 1, seed: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+    """Self-distilled dataset of the target's answers to the seed prompts."""
     from sd2.config import DistillConfig
     from sd2.distill import distill
 
-    key = stage_key("distill", dict(mode=mode, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    threads=threads, seed=seed), {"target": target, "prompts": prompts})
-    out = stage_dir("distill", key)
-    with stage_lock(out):
-        if not _done(out):
-            with gpu_slot():
-                distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
-                                      overwrite=True), progress=False)
-    return str(out)
+    distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, threads=threads, seed=seed, overwrite=True, device=device,
+                          dtype=dtype), progress=False)
 
 
-@task(name="derive-drafter", cache_key_fn=_key_fn("derive", ("target",)), **_COMMON)
-def derive_task(target: str, keep_layers: str) -> str:
+@stage("derive", inputs=("target",), gpu=False, title="derive-drafter")
+def derive_task(out: Path, target: str, keep_layers: str, dtype: str = "auto") -> None:
+    """A drafter derived from the target by keeping some of its layers."""
     from sd2.prune.layers import layer_prune_to_dir
 
-    out = stage_dir("derive", stage_key("derive", {"keep_layers": keep_layers}, {"target": target}))
-    with stage_lock(out):
-        if not _done(out):
-            layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True)
-    return str(out)
+    layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True, device="cpu",
+                       dtype=_cpu_dtype(dtype))
 
 
-@task(name="train-drafter", cache_key_fn=_key_fn("train", ("init", "data")), **_COMMON)
-def train_task(init: str, data: str, max_steps: int, batch_size: int, seq_len: int, lr: float,
-               threads: int = 1, seed: int = 0) -> str:
+@stage("train", inputs=("init", "data"), title="train-drafter")
+def train_task(out: Path, init: str, data: str, max_steps: int, batch_size: int, seq_len: int, lr: float,
+               threads: int = 1, seed: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+    """The drafter fine-tuned on distilled data (a sparse init keeps its masks)."""
     from sd2.config import TrainConfig
     from sd2.train import train
 
-    key = stage_key("train", dict(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                                  threads=threads, seed=seed), {"init": init, "data": data})
-    out = stage_dir("train", key)
-    with stage_lock(out):
-        if not _done(out):
-            with gpu_slot():
-                train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size,
-                                  seq_len=seq_len, lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1),
-                                  overwrite=True), progress=False)
-    return str(out)
+    train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
+                      lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1), overwrite=True, device=device,
+                      dtype=dtype), progress=False)
 
 
-@task(name="prune", cache_key_fn=_key_fn("prune", ("model", "calib")), **_COMMON)
-def prune_task(model: str, method: str, pattern: str, sparsity: float, calib: str, calib_samples: int,
-               seq_len: int, threads: int = 1) -> str:
+@stage("prune", inputs=("model", "calib"))
+def prune_task(out: Path, model: str, method: str, pattern: str, sparsity: float, calib: str, calib_samples: int,
+               seq_len: int, threads: int = 1, device: str = "auto", dtype: str = "auto") -> None:
+    """One sweep cell's one-shot pruning (N:M patterns imply their sparsity)."""
     from sd2.prune import prune_to_dir
 
-    key = stage_key("prune", dict(method=method, pattern=pattern, sparsity=sparsity, calib_samples=calib_samples,
-                                  seq_len=seq_len, threads=threads), {"model": model, "calib": calib})
-    out = stage_dir("prune", key)
-    with stage_lock(out):
-        if not _done(out):
-            with gpu_slot():
-                prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity,
-                             pattern=pattern, calib=calib, calib_samples=calib_samples, seq_len=seq_len,
-                             threads=threads, overwrite=True, progress=False)
-    return str(out)
+    prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity, pattern=pattern,
+                 calib=calib, calib_samples=calib_samples, seq_len=seq_len, threads=threads, overwrite=True,
+                 progress=False, device=device, dtype=dtype)
 
 
-@task(name="layer-prune-matched", cache_key_fn=_key_fn("layers", ("model", "reference", "calib")), **_COMMON)
-def layer_match_task(model: str, reference: str, calib: str, calib_samples: int, seq_len: int,
-                     strategy: str = "angular") -> str:
+@stage("layers", inputs=("model", "reference", "calib"), title="layer-prune-matched")
+def layer_match_task(out: Path, model: str, reference: str, calib: str, calib_samples: int, seq_len: int,
+                     strategy: str = "angular", device: str = "auto", dtype: str = "auto") -> None:
+    """A layer-pruned drafter with the MACs of `reference` (the baseline a sparse cell is compared with)."""
     from sd2.prune.layers import layer_prune_to_dir
 
-    key = stage_key("layers", dict(calib_samples=calib_samples, seq_len=seq_len, strategy=strategy),
-                    {"model": model, "reference": reference, "calib": calib})
-    out = stage_dir("layers", key)
-    with stage_lock(out):
-        if not _done(out):
-            layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib,
-                               calib_samples=calib_samples, seq_len=seq_len, overwrite=True)
-    return str(out)
+    layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib, calib_samples=calib_samples,
+                       seq_len=seq_len, overwrite=True, device=device, dtype=dtype)
+
+
+def _cpu_dtype(dtype: str) -> str:
+    """Deriving a drafter is a copy of weights: it runs on the CPU, in the dtype the rest will use."""
+    from sd2.device import plan, visible_gpus
+
+    return plan("auto", dtype, visible_gpus()).dtype
 
 
 _EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
@@ -215,33 +243,26 @@ _EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
 
 def _eval_config(p: dict) -> dict:
     """The eval key's config: options at their defaults are left out, so adding one keeps older keys valid."""
-    return {**{k: p[k] for k in ("limit", "gamma", "max_new_tokens", "threads", "temperature", "seed", "nonce")},
+    return {**{k: p[k] for k in ("limit", "gamma", "max_new_tokens", "threads", "temperature", "seed", "nonce",
+                                 "device", "dtype")},
             **{k: p[k] for k in _EVAL_OPTIONS if p[k]}}
 
 
-@task(name="evaluate", cache_key_fn=_key_fn("eval", ("target", "drafter", "prompts"), _eval_config), **_COMMON)
-def eval_task(target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
+@stage("eval", inputs=("target", "drafter", "prompts"), key_config=_eval_config, title="evaluate")
+def eval_task(out: Path, target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
               threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "", uag: bool = False,
-              replay_gammas: list[int] | None = None, replay_limit: int | None = None) -> str:
-    """Evaluates one drafter; returns a dir holding eval.json and records.csv. A `nonce` forces new timings."""
+              replay_gammas: list[int] | None = None, replay_limit: int | None = None, device: str = "auto",
+              dtype: str = "auto") -> None:
+    """One drafter evaluated against the target: a dir holding eval.json and records.csv. A `nonce` forces new
+    timings."""
     from sd2.config import EvalConfig
-    from sd2.evaluate import run_eval, write_json
+    from sd2.evaluate import run_eval
+    from sd2.io import publish_dir, write_json
 
-    params = dict(limit=limit, gamma=gamma, max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
-                  seed=seed, nonce=nonce, uag=uag, replay_gammas=replay_gammas, replay_limit=replay_limit)
-    opts = {k: params[k] for k in _EVAL_OPTIONS if params[k]}
-    key = stage_key("eval", _eval_config(params), {"target": target, "drafter": drafter, "prompts": prompts})
-    out = stage_dir("eval", key)
-    with stage_lock(out):
-        if not _done(out):
-            with gpu_slot():
-                res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
-                                              max_new_tokens=max_new_tokens, threads=threads, temperature=temperature,
-                                              seed=seed, **opts), progress=False)
-            tmp = out.with_name(out.name + ".tmp")
-            with writing(tmp, out):  # like every other stage output: no half-written dir, one clear disk error
-                tmp.mkdir(parents=True, exist_ok=True)
-                df.to_csv(tmp / "records.csv", index=False)
-                write_json(res, tmp / "eval.json")
-                tmp.rename(out)
-    return str(out)
+    opts = {k: v for k, v in dict(uag=uag, replay_gammas=replay_gammas, replay_limit=replay_limit).items() if v}
+    res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
+                                  max_new_tokens=max_new_tokens, threads=threads, temperature=temperature, seed=seed,
+                                  device=device, dtype=dtype, **opts), progress=False)
+    with publish_dir(out) as tmp:  # like every other stage output: no half-written dir, one clear disk error
+        df.to_csv(tmp / "records.csv", index=False)
+        write_json(res, tmp / "eval.json")

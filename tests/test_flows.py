@@ -12,16 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     root = tmp_path_factory.mktemp("flows")
-    env = {"SD2_HOME": str(root / "home"), "SD2_RUNS_DIR": str(root / "runs"), "PREFECT_HOME": str(root / "prefect"),
+    # The pipelines run in their own folder with the default ./sd2-runs (no SD2_RUNS_DIR): what they leave in
+    # the folder is checked.
+    (root / "cwd").mkdir()
+    env = {"SD2_HOME": str(root / "home"), "PREFECT_HOME": str(root / "prefect"),
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOCAL_STORAGE_PATH": str(root / "home" / "prefect-results")}
-    old = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI"]}
+    old = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI", "SD2_RUNS_DIR"]}
     os.environ.update(env)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("SD2_RUNS_DIR", None)
+    cwd = os.getcwd()
+    os.chdir(root / "cwd")
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield root
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield root
+    finally:
+        os.chdir(cwd)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -84,7 +93,12 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     assert all(r["lossless"] for r in rows)
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    assert tracking.tracking_uri().startswith("sqlite:///") and str(harness / "runs") in tracking.tracking_uri()
+    runs = harness / "cwd" / "sd2-runs"
+    assert tracking.tracking_uri() == f"sqlite:///{runs / 'mlflow.db'}"
+    # the whole record lives in ./sd2-runs: the database and every artifact (no ./mlruns beside it)
+    assert sorted(os.listdir(harness / "cwd")) == ["sd2-runs"]
+    exp = mlflow.get_experiment_by_name(tracking.experiment_name(str(tiny_target)))
+    assert exp.artifact_location.startswith((runs / "artifacts").as_uri())
     df = tracking.compare(tracking.experiment_name(str(tiny_target)))
     assert len(df) == 7 and df["mal"].notna().all()
     client = mlflow.MlflowClient()
@@ -98,6 +112,7 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     parent = client.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert "mal_vs_macs.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert any((runs / "artifacts").rglob("per_category.csv"))
     champ = client.get_model_version_by_alias(tracking.registered_model_name(str(tiny_target)), "champion")
     best = df.iloc[0]
     assert champ.run_id == best["run_id"]
@@ -231,23 +246,33 @@ def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target
     assert _task_states(since).get("distill_task") == ["Cached"]
 
 
-def test_sweep_with_an_impossible_cell_runs_the_others(harness, tiny_target, seed_file, eval_file):
-    from flows.pipeline import EvalSettings, SweepConfig, prune_sweep
-    from sd2.config import SweepGrid
+def test_sweep_with_an_impossible_cell_runs_the_others_and_is_not_green(harness, tiny_target, seed_file, eval_file):
+    """3:7 passes the form (0 < N < M) but 7 does not divide the tiny model's width: only the cell can know. The
+    other cell is pruned, fine-tuned, evaluated and logged; the flow run ends Failed naming the cell."""
+    import mlflow
+
+    from flows.pipeline import CellsFailed, prune_sweep
+    from sd2 import tracking
+    from sd2.config import DistillConfig, EvalSettings, SweepConfig, SweepGrid
     from sd2.distill import distill
-    from sd2.config import DistillConfig
 
     data = distill(DistillConfig(target=str(tiny_target), prompts=str(seed_file), out=harness / "sweepdata",
                                  max_new_tokens=8, limit=8), progress=False)
-    res = prune_sweep(SweepConfig(target=str(tiny_target), drafter=str(tiny_target), data=str(data),
-                                  grid=SweepGrid(methods=["magnitude"], patterns=["unstructured", "3:7"],
-                                                 sparsities=[0.4]),
-                                  calib_samples=4, seq_len=32, ft_steps=1, batch_size=2,
-                                  eval=EvalSettings(target=str(tiny_target), prompts=str(eval_file), limit=2,
-                                                    max_new_tokens=6)))
-    ok = [r for r in res if "model" in r]
-    bad = [r for r in res if "error" in r]
-    assert len(ok) == 1 and len(bad) == 1 and "does not divide" in bad[0]["error"]
+    state = prune_sweep(SweepConfig(target=str(tiny_target), drafter=str(tiny_target), data=str(data),
+                                    sweep=SweepGrid(methods=["magnitude"], patterns=["unstructured", "3:7"],
+                                                    sparsities=[0.4]),
+                                    calib_samples=4, seq_len=32, sparse_ft_steps=1, train_batch_size=2,
+                                    eval=EvalSettings(target=str(tiny_target), prompts=str(eval_file), limit=2,
+                                                      max_new_tokens=6)), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CellsFailed, match=r"magnitude-3of7-0.5714: .*does not divide") as info:
+        state.result()
+    assert [c["pattern"] for c in info.value.failed] == ["3:7"]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    df = tracking.compare(tracking.experiment_name(str(tiny_target)))
+    assert "magnitude-unstructured-0.4" in set(df["drafter"])  # the good cell was evaluated and logged
+    parent = mlflow.MlflowClient().get_run(df.loc[df["drafter"] == "magnitude-unstructured-0.4", "parent"].iloc[0])
+    assert parent.info.status == "FAILED" and parent.info.run_name == "prune-sweep"
 
 
 def test_flow_parameters_validated_before_work():

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd2.errors import UserError
-from sd2.prune.calib import capture_layer_inputs, decoder_layers, run_layer
+from sd2.prune.calib import capture_layer_inputs, decoder_layers, run_layer, to_device
 from sd2.prune.magnitude import prune_magnitude
 from sd2.prune.masks import check_nm_divides, check_sparsity, parse_pattern
 from sd2.prune.sparsegpt import HessianStats, prune_sparsegpt
@@ -50,45 +50,68 @@ def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer
 @torch.no_grad()
 def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "unstructured",
                 samples: list[list[int]] | None = None, layer_filter: str = DEFAULT_FILTER,
-                progress: bool = True, blocksize: int = 128, percdamp: float = 0.01) -> dict:
-    """Prune in place. Calibrated methods walk the layers in order, each fed by the pruned layers before it."""
+                progress: bool = True, blocksize: int = 128, percdamp: float = 0.01,
+                device: str | torch.device | None = None) -> dict:
+    """Prune in place. Calibrated methods walk the layers in order, each fed by the pruned layers before it.
+
+    With `device` (e.g. a GPU) only the layer being pruned, its statistics and the calibration activations
+    live there: the model stays where it was loaded, so memory is one layer plus its Hessians (SparseGPT's
+    sequential scheme)."""
     nm, _ = validate(model, method, sparsity, pattern, layer_filter)
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     if method == "magnitude":
         for lin in tqdm(matched_linears(model, layer_filter).values(), desc="prune magnitude", disable=not progress):
-            prune_magnitude(lin.weight.data, sparsity, nm)
+            home = lin.weight.device
+            w = lin.weight.data.to(device or home)
+            prune_magnitude(w, sparsity, nm)
+            lin.weight.data.copy_(w.to(home))
         return {"method": method, "seconds": time.perf_counter() - t0}
     if not samples:
         raise UserError(f"--calib: {method} needs calibration samples")
     hidden, kwargs = capture_layer_inputs(model, samples)
     for li, layer in enumerate(tqdm(layers, desc=f"prune {method}", unit="layer", disable=not progress)):
-        lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and re.search(layer_filter, n)}
-        stats = {n: (HessianStats if method == "sparsegpt" else WandaStats)(m.in_features) for n, m in lins.items()}
-        handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0]))
-                   for n, m in lins.items()]
-        try:
-            for h, kw in zip(hidden, kwargs):
-                run_layer(layer, h, kw[li])
-        finally:
-            for hd in handles:
-                hd.remove()
-        for n, m in lins.items():
-            if method == "sparsegpt":
-                prune_sparsegpt(m.weight.data, stats[n], sparsity, nm, blocksize=blocksize, percdamp=percdamp)
-            else:
-                prune_wanda(m.weight.data, stats[n], sparsity, nm)
-        hidden = [run_layer(layer, h, kw[li]) for h, kw in zip(hidden, kwargs)]  # outputs of the pruned layer
+        home = next(layer.parameters()).device
+        dev = torch.device(device) if device is not None else home
+        layer.to(dev)
+        hidden = [h.to(dev) for h in hidden]
+        kws = [to_device(kw[li], dev) for kw in kwargs]
+        _prune_layer(layer, hidden, kws, method, sparsity, nm, layer_filter, blocksize, percdamp)
+        hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, kws)]  # outputs of the pruned layer
+        layer.to(home)
     return {"method": method, "seconds": time.perf_counter() - t0}
+
+
+def _prune_layer(layer: nn.Module, hidden: list[torch.Tensor], kws: list[dict], method: str, sparsity: float,
+                 nm, layer_filter: str, blocksize: int, percdamp: float) -> None:
+    """Collect the layer's input statistics over the calibration samples, then prune its linears."""
+    lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and re.search(layer_filter, n)}
+    stats = {n: (HessianStats if method == "sparsegpt" else WandaStats)(m.in_features, m.weight.device)
+             for n, m in lins.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in lins.items()]
+    try:
+        for h, kw in zip(hidden, kws):
+            run_layer(layer, h, kw)
+    finally:
+        for hd in handles:
+            hd.remove()
+    for n, m in lins.items():
+        if method == "sparsegpt":
+            prune_sparsegpt(m.weight.data, stats[n], sparsity, nm, blocksize=blocksize, percdamp=percdamp)
+        else:
+            prune_wanda(m.weight.data, stats[n], sparsity, nm)
 
 
 def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = None, pattern: str = "unstructured",
                  calib=None, calib_samples: int = 32, seq_len: int = 256, layer_filter: str = DEFAULT_FILTER,
-                 seed: int = 0, threads: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """`sd2 prune`: validate everything, prune, write the model dir + sparsity.json atomically; returns the report."""
+                 seed: int = 0, threads: int | None = None, overwrite: bool = False, progress: bool = True,
+                 device: str = "auto", dtype: str = "auto") -> dict:
+    """`sd2 prune`: validate everything, prune, write the model dir + sparsity.json atomically; returns the report.
+    The model is loaded on the CPU in `dtype`; on a GPU each layer visits it in turn (see prune_model)."""
     import json
 
-    from sd2.evaluate import torch_threads
+    from sd2 import device as devices
+    from sd2.device import torch_threads
     from sd2.models import check_output_dir, load_model, save_model
     from sd2.prune.calib import calibration_ids
     from sd2.prune.masks import sparsity_report
@@ -102,15 +125,17 @@ def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = 
     if calib_samples < 1:
         raise UserError("--calib-samples: must be >= 1")
     _check_method(method)  # before loading the model: bad input fails fast
+    where = devices.plan(device, dtype, devices.visible_gpus())  # one layer at a time: no model-size check
     check_output_dir(out, overwrite)
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, placement=devices.Placement("cpu", where.dtype))
     validate(model, method, sparsity, pattern, layer_filter)
     samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if method != "magnitude" else None
     with torch_threads(threads):
-        info = prune_model(model, method, sparsity, pattern, samples, layer_filter, progress=progress)
+        info = prune_model(model, method, sparsity, pattern, samples, layer_filter, progress=progress,
+                           device=where.device if where.is_cuda else None)
     report = sparsity_report(model, layer_filter)
     meta = {"source": str(model_spec), "method": method, "pattern": pattern, "requested_sparsity": sparsity,
             "calib": str(calib) if calib else None, "calib_samples": calib_samples if samples else 0,
-            "seconds": round(info["seconds"], 2), **report}
+            "seconds": round(info["seconds"], 2), "device": where.describe(), **report}
     save_model(model, tok, out, overwrite=overwrite, extra_files={"sparsity.json": json.dumps(meta, indent=2)})
     return meta

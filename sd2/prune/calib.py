@@ -55,37 +55,61 @@ class _Stop(Exception):
     pass
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its call and passes the hidden states through, so
+    capturing costs one embedding pass and no layer is computed (nor placed on a device) before its turn."""
+
+    def __init__(self, idx: int, last: bool, sink: list, first_inputs: list):
+        super().__init__()
+        self.idx, self.last, self.sink, self.first_inputs = idx, last, sink, first_inputs
+
+    def forward(self, *args, **kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        if self.idx == 0:
+            self.first_inputs.append(h.detach())
+        self.sink.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        if self.last:
+            raise _Stop
+        return h
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, samples: list[list[int]]):
-    """Run each sample once, recording layer 0's hidden states and every layer's call kwargs."""
+    """Run each sample through the embeddings once, recording layer 0's hidden states and every layer's call
+    kwargs (masks, rotary embeddings — they differ per layer type in e.g. Gemma 3)."""
     layers = decoder_layers(model)
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = []  # [sample][layer]
+    originals = list(layers)
     current: list[dict] = []
-
-    def pre_hook(idx):
-        def fn(mod, args, kw):
-            if idx == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
-            clean = {k: v for k, v in kw.items() if k != "hidden_states"}
-            current.append(clean)
-            if idx == len(layers) - 1:
-                raise _Stop
-        return fn
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    recorders = [_Recorder(i, i == len(layers) - 1, current, hidden) for i in range(len(layers))]
     try:
+        for i, r in enumerate(recorders):
+            layers[i] = r
+        emb = model.get_input_embeddings()
+        dev = emb.weight.device
         for ids in samples:
-            current = []
+            current.clear()
             try:
-                model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
+                model(input_ids=torch.tensor([ids], device=dev), use_cache=False)
             except _Stop:
                 pass
-            kwargs.append(current)
+            kwargs.append(list(current))
     finally:
-        for h in handles:
-            h.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     return hidden, kwargs
+
+
+def to_device(obj, device):
+    """Tensors inside nested tuples/lists/dicts moved to `device` (layer call kwargs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def run_layer(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:

@@ -137,9 +137,13 @@ def layers_for_macs(model, target_macs: float, context: int = 256) -> int:
 
 def layer_prune_to_dir(model_spec: str, out, *, keep_layers: str | None = None, num_layers: int | None = None,
                        strategy: str = "angular", match_macs: str | None = None, calib=None, calib_samples: int = 16,
-                       seq_len: int = 256, context: int = 256, seed: int = 0, overwrite: bool = False) -> dict:
-    """`sd2 layer-prune`: an explicit list, or K layers by strategy (K optionally matched on MACs to a model)."""
+                       seq_len: int = 256, context: int = 256, seed: int = 0, overwrite: bool = False,
+                       device: str = "auto", dtype: str = "auto") -> dict:
+    """`sd2 layer-prune`: an explicit list, or K layers by strategy (K optionally matched on MACs to a model).
+    Angular distances are measured on `device`; the pruned model is built and saved in `dtype`."""
     import json
+
+    from sd2 import device as devices
 
     from sd2.metrics import macs_per_token
     from sd2.models import check_output_dir, load_model, save_model
@@ -149,8 +153,9 @@ def layer_prune_to_dir(model_spec: str, out, *, keep_layers: str | None = None, 
         raise UserError("give exactly one of --keep-layers, --num-layers, --match-macs")
     if strategy not in ("angular", "first"):
         raise UserError(f"--strategy {strategy!r}: use angular or first")
+    where = devices.plan(device, dtype, devices.visible_gpus())
     check_output_dir(out, overwrite)
-    m, tok = load_model(model_spec)
+    m, tok = load_model(model_spec, placement=devices.Placement("cpu", where.dtype))
     L = m.config.num_hidden_layers
     info: dict = {"source": str(model_spec), "source_layers": L}
     if keep_layers is not None:
@@ -162,7 +167,10 @@ def layer_prune_to_dir(model_spec: str, out, *, keep_layers: str | None = None, 
             num_layers = layers_for_macs(m, ref_macs, context)
             info.update(match_macs=str(match_macs), reference_macs_per_token=ref_macs)
         samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if strategy == "angular" else None
+        if samples and where.is_cuda:
+            m.to(where.device)
         keep = choose_layers(m, num_layers, strategy, samples)
+        m.to("cpu")
         info["strategy"] = strategy
     pruned = _keep(m, keep)
     info.update(kept_layers=keep, macs_per_token=macs_per_token(pruned, context)["macs_per_token"])

@@ -9,8 +9,8 @@ import torch
 class HessianStats:
     """Running average of 2·XᵀX over calibration tokens (float64 accumulation)."""
 
-    def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:

@@ -10,8 +10,8 @@ from sd2.prune.masks import nm_prune_mask, unstructured_prune_mask
 class WandaStats:
     """Running sum of squared input activations per input feature."""
 
-    def __init__(self, in_features: int):
-        self.sq = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.sq = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
