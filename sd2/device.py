@@ -134,14 +134,14 @@ def weight_bytes(model_dir: str | Path, dtype: str) -> int | None:
     return int(size * DTYPES[dtype].itemsize / stored)
 
 
-def resolve(device: str = "auto", dtype: str = "auto", model_dir: str | Path | None = None,
-            workers: int | None = None) -> Placement:
-    """plan() for this machine's GPUs and, when given, the size of a local model."""
+def resolve(device: str = "auto", dtype: str = "auto", model_dir=None, workers: int | None = None) -> Placement:
+    """plan() for this machine's GPUs and, on a GPU, the size of a local model (`model_dir`: a path, or a
+    callable returning one, called only then, so a bad request fails before any model is fetched)."""
     gpus = visible_gpus()
-    size = None
-    if model_dir is not None and gpus:
-        first = plan(device, dtype, gpus)
-        size = weight_bytes(model_dir, first.dtype)
+    first = plan(device, dtype, gpus, None, workers)  # refuses a bad request first
+    if model_dir is None or not first.is_cuda:
+        return first
+    size = weight_bytes(model_dir() if callable(model_dir) else model_dir, first.dtype)
     return plan(device, dtype, gpus, size, workers)
 
 

@@ -145,7 +145,7 @@ def _placement(cfg: DistillConfig):
         return None
     pinned = cfg.device.startswith("cuda:") or cfg.device == "cpu"
     workers = cfg.workers if cfg.workers > 1 or pinned else None
-    return devices.resolve(cfg.device, cfg.dtype, resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
+    return devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
 
 
 def _open_work(out: Path, key: dict) -> Path:
@@ -294,9 +294,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     dealt out to one process each; the merged dataset is the one a single worker makes.
     """
     out = Path(cfg.out)
+    where = _placement(cfg)
     check_output_dir(out, cfg.overwrite)
     prompts = _check_seeds(cfg)
-    where = _placement(cfg)
     seed_path = Path(str(cfg.prompts))
     seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
     many = where is not None and len(where.workers) > 1

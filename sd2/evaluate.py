@@ -226,9 +226,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
     """`sd2 eval`: load both models and the prompts, then evaluate_pair with threads pinned."""
     from sd2 import device as devices
 
-    prompts = load_prompts(cfg.prompts, cfg.categories, cfg.limit)
     opts = cfg.load
-    where = devices.resolve(cfg.device, cfg.dtype, resolve_spec(cfg.target, opts.allow_pickle))
+    where = devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, opts.allow_pickle))
+    prompts = load_prompts(cfg.prompts, cfg.categories, cfg.limit)
     if where.is_cuda and cfg.fast_path != "none":
         raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
                         f"{where.device} (or --device cpu)")

@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Validate, then train in-process (one device) or launch `num_gpus` ranks with torchrun and wait."""
     out = Path(cfg.out)
     work = _work_dir(out)
+    where = _placement(cfg)  # an impossible device request fails before anything else
     if not cfg.resume:
         check_output_dir(out, cfg.overwrite)
         if work.exists() and not cfg.overwrite:
@@ -200,10 +201,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             "or --overwrite to start over")
     load_distilled(cfg.data)  # fail fast on a bad data dir, before any process starts
     _validate_deepspeed(cfg)
-    where = _placement(cfg)
     gpus = torch.cuda.device_count() if where.is_cuda else 0
     on_cpu = gpus == 0
-    if where.is_cuda and where.device != "cuda:0" and cfg.num_gpus > 1:
+    if cfg.device.startswith("cuda:") and cfg.num_gpus > 1:
         raise UserError(f"--device {cfg.device}: one GPU pinned, but --num-gpus {cfg.num_gpus}; use --device cuda "
                         "(all visible GPUs) or --num-gpus 1")
     if cfg.num_gpus > max(gpus, 1) or (gpus and cfg.num_gpus > gpus):
