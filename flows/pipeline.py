@@ -9,7 +9,6 @@ import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -17,10 +16,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from sd2 import tracking
+from sd2 import registry, tracking
 from sd2.config import EvalSettings, PipelineConfig, SweepConfig, SweepGrid  # noqa: F401 - SweepGrid re-exported
 from sd2.data import data_dir
-from sd2.report import markdown_table, plot_results
+from sd2.report import plot_results
 from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
 
 
@@ -216,7 +215,7 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         table = Path(tmp) / "comparison.csv"
         df.to_csv(table, index=False)
         tracking.log_parent_artifacts(parent_run_id, [*files, table])
-    champion = tracking.register_champion(settings.target, run_ids) if register_champion else None
+    champion = registry.register_champion(settings.target, run_ids) if register_champion else None
     link = _run_link(settings.target)
     create_table_artifact(
         key="sd2-results",

@@ -472,7 +472,7 @@ def export_cmd(
     overwrite: bool = typer.Option(False),
 ):
     """A self-contained HF drafter dir (safetensors, tokenizer, README with metrics and lineage)."""
-    from sd2.tracking import export_drafter
+    from sd2.registry import export_drafter
 
     _orchestration_env()
     typer.echo(f"exported {export_drafter(run, out, overwrite)}")

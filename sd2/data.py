@@ -157,3 +157,22 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
             ids = ids["input_ids"]
         return list(ids)
     return list(tokenizer(text)["input_ids"])
+
+
+def load_distilled(path: str | Path):
+    """Load a distilled dataset dir, checking the columns training needs."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"--data {path}: not a directory (expected the output of `sd2 distill`)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--data {path}: not a datasets dir ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("prompt", "response") if c not in ds.column_names]
+    if missing:
+        raise UserError(f"--data {path}: missing column(s) {', '.join(missing)}; expected prompt, response")
+    if len(ds) == 0:
+        raise UserError(f"--data {path}: dataset is empty")
+    return ds

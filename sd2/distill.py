@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
-from sd2.data import Prompt, encode_prompt, file_digest, load_prompts
+from sd2.data import Prompt, encode_prompt, file_digest, load_distilled, load_prompts  # noqa: F401 - re-export
 from sd2.errors import UserError, writing
 from sd2.device import torch_threads
 from sd2.io import atomic_write_text, write_json
@@ -99,7 +99,7 @@ def _generator(cfg: DistillConfig, placement=None):
     if cfg.mode == "reference":
         return None, "none (reference answers, no generation)", {}
     if cfg.backend == "openai":
-        from sd2.serving import OpenAIBackend
+        from sd2.openai_client import OpenAIBackend
 
         served = cfg.served_model or cfg.target
         backend = OpenAIBackend(cfg.base_urls, served, api=cfg.api, api_key_env=cfg.api_key_env,
@@ -317,22 +317,3 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
             gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), bar)
     bar.close()
     return _finish(cfg, out, shards, key, info, len(prompts), gen_tokens, time.perf_counter() - t0)
-
-
-def load_distilled(path: str | Path):
-    """Load a distilled dataset dir, checking the columns training needs."""
-    import datasets
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"--data {path}: not a directory (expected the output of `sd2 distill`)")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"--data {path}: not a datasets dir ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in ("prompt", "response") if c not in ds.column_names]
-    if missing:
-        raise UserError(f"--data {path}: missing column(s) {', '.join(missing)}; expected prompt, response")
-    if len(ds) == 0:
-        raise UserError(f"--data {path}: dataset is empty")
-    return ds

@@ -1,11 +1,13 @@
 """Run prompts through target-only and speculative decoding in one process → per-prompt records →
-the summary of DESIGN §2 (overall and per category)."""
+the summary of the `sd2 eval` JSON (overall and per category)."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import statistics
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +18,7 @@ from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.errors import UserError
-from sd2.device import torch_threads  # noqa: F401 - re-exported for older imports
+from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
 from sd2.fastpath import pack_fp16
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
@@ -62,39 +64,12 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
-    # Warm-up (first-call allocations, lazy inits) so neither side pays it inside the timing.
-    base.generate(encoded[0][0], 2, seed=seed)
-    spec.generate(encoded[0][0], min(gamma + 2, 8), seed=seed, drafter_prompt=encoded[0][1])
-
-    rows, base_res, spec_res = [], [], []
-    for i, (p, (ids, dids)) in enumerate(tqdm(list(zip(prompts, encoded)), desc="eval", unit="prompt",
-                                              disable=not progress)):
-        runs = {}
-        order = ("base", "spec") if i % 2 == 0 else ("spec", "base")
-        for which in order:
-            if which == "base":
-                runs[which] = base.generate(ids, max_new_tokens, seed=seed + i)
-            else:
-                runs[which] = spec.generate(ids, max_new_tokens, seed=seed + i, drafter_prompt=dids)
-        b, s = runs["base"], runs["spec"]
-        base_res.append(b)
-        spec_res.append(s)
-        row = {
-            "id": p.id, "category": p.category, "prompt_tokens": len(ids),
-            "target_tokens": len(b.tokens), "target_seconds": b.seconds,
-            "spec_tokens": len(s.tokens), "spec_seconds": s.seconds, "target_passes": s.target_passes,
-            "mal": s.mal, "drafted": sum(x.drafted for x in s.steps), "accepted": sum(x.accepted for x in s.steps),
-            "lossless": (b.tokens == s.tokens) if temperature == 0 else None,
-        }
-        if cross:
-            text = target_tok.decode(s.tokens, skip_special_tokens=True)
-            row["drafter_tokens"] = len(drafter_tok.encode(text, add_special_tokens=False))
-        rows.append(row)
-    df = pd.DataFrame(rows)
-
+    df, base_res, spec_res = _decode_all(base, spec, prompts, encoded, max_new_tokens, gamma, seed, temperature,
+                                         cross, target_tok, drafter_tok, progress)
     per_tok = (df["drafter_tokens"].sum() / max(df["spec_tokens"].sum(), 1)) if cross else 1.0
     c = _cost_ratio(tmacs, dmacs, per_tok)
     summary = _summarize(base_res, spec_res, df, gamma)
+    costs = measure_costs(target, drafter, encoded[0][1] if cross else encoded[0][0], encoded[0][0], gamma)
     out = {
         "target": names[0], "drafter": names[1], "gamma": gamma, "temperature": temperature,
         "max_new_tokens": max_new_tokens, "n_prompts": len(prompts),
@@ -104,6 +79,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         "target_tokens_per_s": summary["target_tokens_per_s"], "spec_tokens_per_s": summary["spec_tokens_per_s"],
         "speedup": summary["speedup"], "target_macs_per_token": tmacs, "drafter_macs_per_token": dmacs,
         "cost_ratio": c, "theoretical_speedup": metrics.theoretical_speedup(summary["mal"], gamma, c),
+        **costs, "predicted_speedup": metrics.predicted_speedup(summary["mal"], gamma, costs["drafter_time_ratio"],
+                                                                costs["verify_cost_ratio"]),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
         "per_category": {},
         "numeric_path": numeric_path(target, fast_path),
@@ -213,6 +190,73 @@ def numeric_path(model, fast_path: str = "none") -> str:
         base += f" on {p.device}"
     return {"none": base, "drafter-fp16": f"{base} target, fp16-packed drafter",
             "fp16": "fp16-packed target and drafter"}[fast_path]
+
+
+def _decode_all(base: SpecDecoder, spec: SpecDecoder, prompts: list[Prompt], encoded, max_new_tokens: int,
+                gamma: int, seed: int, temperature: float, cross: bool, target_tok, drafter_tok, progress: bool):
+    """Each prompt target-only and speculatively, alternating which runs first; (records, base, spec results)."""
+    # Warm-up (first-call allocations, lazy inits) so neither side pays it inside the timing.
+    base.generate(encoded[0][0], 2, seed=seed)
+    spec.generate(encoded[0][0], min(gamma + 2, 8), seed=seed, drafter_prompt=encoded[0][1])
+    rows, base_res, spec_res = [], [], []
+    for i, (p, (ids, dids)) in enumerate(tqdm(list(zip(prompts, encoded)), desc="eval", unit="prompt",
+                                              disable=not progress)):
+        runs = {}
+        for which in (("base", "spec") if i % 2 == 0 else ("spec", "base")):
+            runs[which] = (base.generate(ids, max_new_tokens, seed=seed + i) if which == "base" else
+                           spec.generate(ids, max_new_tokens, seed=seed + i, drafter_prompt=dids))
+        b, s = runs["base"], runs["spec"]
+        base_res.append(b)
+        spec_res.append(s)
+        row = {
+            "id": p.id, "category": p.category, "prompt_tokens": len(ids),
+            "target_tokens": len(b.tokens), "target_seconds": b.seconds,
+            "spec_tokens": len(s.tokens), "spec_seconds": s.seconds, "target_passes": s.target_passes,
+            "mal": s.mal, "drafted": sum(x.drafted for x in s.steps), "accepted": sum(x.accepted for x in s.steps),
+            "lossless": (b.tokens == s.tokens) if temperature == 0 else None,
+        }
+        if cross:
+            text = target_tok.decode(s.tokens, skip_special_tokens=True)
+            row["drafter_tokens"] = len(drafter_tok.encode(text, add_special_tokens=False))
+        rows.append(row)
+    return pd.DataFrame(rows), base_res, spec_res
+
+
+@torch.inference_mode()
+def measure_costs(target, drafter, drafter_prompt: list[int], prompt: list[int], gamma: int,
+                  repeats: int = 7) -> dict:
+    """The cost model of this run, timed in-process with KV caches (medians, the kinds alternating):
+    verify_cost_ratio v = a target forward over γ+1 new tokens ÷ a one-token target forward;
+    drafter_time_ratio = a one-token drafter forward ÷ a one-token target forward.
+    With MAL they predict the speedup: MAL ÷ (γ·drafter_time_ratio + v) (metrics.predicted_speedup)."""
+    from sd2.specdec import _Cached
+
+    tc, dc = _Cached(target), _Cached(drafter)
+    ctx = list(prompt[-64:]) or [0]
+    dctx = list(drafter_prompt[-64:]) or [0]
+    tc.forward(ctx, keep=1)
+    dc.forward(dctx, keep=1)
+    extra = [ctx[-1]] * (gamma + 1)
+    times: dict[str, list[float]] = {"t1": [], "tk": [], "d1": []}
+
+    def timed(cache, ids, n_new, key):
+        synchronize(cache.model.device)
+        t0 = time.perf_counter()
+        cache.forward(ids + extra[:n_new], keep=n_new)
+        synchronize(cache.model.device)
+        times[key].append(time.perf_counter() - t0)
+        cache.rollback(len(ids))
+
+    for _ in range(2):  # warm-up
+        timed(tc, ctx, 1, "t1"), timed(tc, ctx, gamma + 1, "tk"), timed(dc, dctx, 1, "d1")
+    times = {k: [] for k in times}
+    for r in range(repeats):
+        order = [("t1", tc, ctx, 1), ("tk", tc, ctx, gamma + 1), ("d1", dc, dctx, 1)]
+        for key, cache, ids, n in (order if r % 2 == 0 else order[::-1]):
+            timed(cache, ids, n, key)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"verify_cost_ratio": med["tk"] / med["t1"], "drafter_time_ratio": med["d1"] / med["t1"],
+            "target_forward_ms": med["t1"] * 1e3}
 
 
 def _summarize(base_res: list[DecodeResult], spec_res: list[DecodeResult], df: pd.DataFrame, gamma: int) -> dict:

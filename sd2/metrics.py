@@ -1,4 +1,4 @@
-"""Metric definitions used everywhere (DESIGN §3): MAL, acceptance, MACs counting nonzeros, speedups, CIs."""
+"""Metric definitions used everywhere (docs/architecture.md): MAL, acceptance, MACs counting nonzeros, speedups, CIs."""
 
 from __future__ import annotations
 
@@ -83,3 +83,9 @@ def macs_per_token(model: nn.Module, context: int = 256) -> dict[str, float]:
 def theoretical_speedup(mal_value: float, gamma: int, cost_ratio: float) -> float:
     """MAL / (γ·c + 1): expected speedup when a drafter step costs c target steps and verification costs one."""
     return mal_value / (gamma * cost_ratio + 1)
+
+
+def predicted_speedup(mal_value: float, gamma: int, drafter_time_ratio: float, verify_cost_ratio: float) -> float:
+    """MAL / (γ·drafter_time_ratio + v): the same model with measured times instead of MACs — a drafter forward
+    costs drafter_time_ratio target forwards, and verifying γ+1 tokens costs v one-token forwards."""
+    return mal_value / (gamma * drafter_time_ratio + verify_cost_ratio)

@@ -1,4 +1,4 @@
-"""MLflow conventions (DESIGN §6): experiment `sd2/<target>`, a parent run per pipeline/sweep, a child run
+"""MLflow conventions (docs/architecture.md): experiment `sd2/<target>`, a parent run per pipeline/sweep, a child run
 per drafter (params, metrics incl. per category and per position, train loss by step, artifacts), the
 distilled dataset as an input, and the registered model `sd2-drafter-<target>` whose alias `champion` is
 the drafter with the best theoretical speedup."""
@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from sd2.errors import UserError
+from sd2.journal import PENDING_PREFIX, journaled  # noqa: F401 - PENDING_PREFIX is part of this API
 
 RUNS_DIR = Path(os.environ.get("SD2_RUNS_DIR", "sd2-runs"))
 
@@ -78,6 +79,11 @@ def git_sha() -> str | None:
         return None
 
 
+def client():
+    """(mlflow module, MlflowClient) pointed at the tracking store, with fast fail-over to the journal."""
+    return _client()
+
+
 def _client():
     import mlflow
 
@@ -132,9 +138,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def eval_metrics(res: dict) -> dict[str, float]:
-    """MLflow metric names of one eval result (DESIGN §6)."""
+    """MLflow metric names of one eval result (the eval JSON keys, flattened)."""
     m = {k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup",
-                             "speedup", "target_tokens_per_s", "spec_tokens_per_s") if res.get(k) is not None}
+                             "speedup", "target_tokens_per_s", "spec_tokens_per_s", "verify_cost_ratio",
+                             "drafter_time_ratio", "predicted_speedup") if res.get(k) is not None}
     m["mal_ci95_lo"], m["mal_ci95_hi"] = res["mal_ci95"]
     m["lossless"] = float(bool(res["lossless"])) if res.get("lossless") is not None else None
     for i, a in enumerate(res["per_position_acceptance"]):
@@ -159,8 +166,6 @@ def _log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: 
                     records: pd.DataFrame | None = None, model_dir: str | Path | None = None,
                     dataset_dir: str | Path | None = None, extra_tags: dict | None = None) -> str:
     """One child run per drafter: params, metrics, train loss by step, artifacts; returns the run id."""
-    import mlflow
-
     mlflow, client = _client()
     exp = set_experiment(mlflow, target)
     tags = {"mlflow.parentRunId": parent_id, "sd2.kind": "drafter", "sd2.drafter": name,
@@ -227,41 +232,9 @@ def _log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict
         client.log_metric(parent_id, k, float(v))
 
 
-def _register_champion(target: str, run_ids: list[str]) -> dict | None:
-    """Register the drafter with the best theoretical speedup and point alias `champion` at it."""
-    _, client = _client()
-    runs = [client.get_run(r) for r in run_ids]
-    runs = [r for r in runs if "theoretical_speedup" in r.data.metrics and r.data.tags.get("sd2.model_dir")]
-    if not runs:
-        return None
-    best = max(runs, key=lambda r: r.data.metrics["theoretical_speedup"])
-    name = registered_model_name(target)
-    try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - mlflow raises RestException/MlflowException by backend
-        client.create_registered_model(name, description=f"sd2 drafters for {target}; alias champion = best "
-                                                         "theoretical speedup")
-    model_dir = best.data.tags["sd2.model_dir"]
-    existing = [v for v in client.search_model_versions(f"name='{name}'")
-                if v.run_id == best.info.run_id or v.tags.get("sd2.model_dir") == model_dir]
-    if existing:  # the same drafter won again (e.g. a cached re-run): keep its version
-        mv = existing[0]
-        client.set_registered_model_alias(name, "champion", mv.version)
-        return {"name": name, "version": mv.version, "run_id": best.info.run_id,
-                "drafter": best.data.tags.get("sd2.drafter")}
-    # The registry keeps its own copy: the model files become artifacts of the champion's run.
-    client.log_artifacts(best.info.run_id, model_dir, artifact_path="model")
-    mv = client.create_model_version(name, source=f"{best.info.artifact_uri.rstrip('/')}/model",
-                                     run_id=best.info.run_id,
-                                     tags={"theoretical_speedup": str(best.data.metrics["theoretical_speedup"]),
-                                           "mal": str(best.data.metrics.get("mal")), "sd2.model_dir": model_dir})
-    client.set_registered_model_alias(name, "champion", mv.version)
-    return {"name": name, "version": mv.version, "run_id": best.info.run_id,
-            "drafter": best.data.tags.get("sd2.drafter")}
-
-
 COMPARE_COLUMNS = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
-                   "cost_ratio", "theoretical_speedup", "speedup", "lossless"]
+                   "cost_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio", "predicted_speedup",
+                   "speedup", "lossless"]
 
 
 def compare(experiment: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
@@ -287,195 +260,47 @@ def compare(experiment: str | None = None, parent_run_id: str | None = None) -> 
     return out.sort_values("theoretical_speedup", ascending=False, na_position="last").reset_index(drop=True)
 
 
-def export_drafter(ref: str, out: str | Path, overwrite: bool = False) -> Path:
-    """`sd2 export`: a self-contained HF drafter dir from an MLflow run id or `models:/NAME@ALIAS` (or /VERSION),
-    with a README holding its metrics and lineage."""
-    import shutil
-
-    import mlflow
-
-    from sd2.models import check_output_dir
-
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    mlflow, client = _client()
-    if ref.startswith("models:/"):
-        name, _, sel = ref[len("models:/"):].partition("@")
-        try:
-            mv = client.get_model_version_by_alias(name, sel) if sel else client.get_model_version(
-                *ref[len("models:/"):].split("/", 1))
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"--run {ref}: no such registered model version ({str(exc).splitlines()[0]})") from None
-        run_id, source, local = mv.run_id, mv.source, mv.tags.get("sd2.model_dir")
-    else:
-        try:
-            run = client.get_run(ref)
-        except Exception:  # noqa: BLE001
-            raise UserError(f"--run {ref}: no such MLflow run in {tracking_uri()}") from None
-        run_id, source, local = ref, None, run.data.tags.get("sd2.model_dir")
-    run = client.get_run(run_id)
-    tmp = out.with_name(f".{out.name}.export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if local and Path(local).is_dir():
-        shutil.copytree(local, tmp)
-    elif source:
-        shutil.copytree(mlflow.artifacts.download_artifacts(artifact_uri=source), tmp)
-    else:
-        raise UserError(f"--run {ref}: the run's model dir {local!r} is not on this machine and it is not registered")
-    for junk in ("training_args.bin",):
-        (tmp / junk).unlink(missing_ok=True)
-    m = run.data.metrics
-    lines = [f"# sd2 drafter `{run.data.tags.get('sd2.drafter', run_id)}`", "",
-             f"Speculative-decoding drafter exported by sd2 from MLflow run `{run_id}` ({tracking_uri()}).", "",
-             "| metric | value |", "|---|---|"]
-    for k in ("mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token", "cost_ratio",
-              "theoretical_speedup", "speedup"):
-        if k in m:
-            lines.append(f"| {k} | {m[k]:.4g} |")
-    lines += ["", "## Lineage", ""] + [f"- `{k}`: {v}" for k, v in sorted(run.data.params.items())]
-    lines += ["", "## Use it", "", "See docs/deploy.md of sd2: HF `generate(assistant_model=...)`, vLLM "
-              "`speculative_config={\"method\": \"draft_model\", ...}`, SGLang `--speculative-draft-model-path`."]
-    (tmp / "README.md").write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Offline journal: when the tracking server is unreachable mid-run, calls are recorded under
-# <runs dir>/pending/ (files copied there) and replayed by `sd2 sync`, or automatically by the next call that
-# finds the server back. Run ids handed out meanwhile are "pending-<uuid>" placeholders, resolved on replay.
-
-PENDING_PREFIX = "pending-"
-
-
-def _pending_dir() -> Path:
-    return runs_dir() / "pending"
-
-
-def _journal() -> Path:
-    return _pending_dir() / "journal.jsonl"
-
-
-def _is_offline_error(exc: BaseException) -> bool:
-    import requests
-
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
-        return True
-    text = str(exc)
-    return any(t in text for t in ("Max retries exceeded", "Connection refused", "Failed to establish",
-                                   "API request to", "Read timed out"))
-
-
-def _record(op: str, kwargs: dict) -> str | None:
-    import shutil
-    import uuid
-
-    entry_id = uuid.uuid4().hex
-    files = _pending_dir() / "files" / entry_id
-    kw = dict(kwargs)
-    if isinstance(kw.get("records"), pd.DataFrame):
-        files.mkdir(parents=True, exist_ok=True)
-        kw["records"].to_csv(files / "records.csv", index=False)
-        kw["records"] = str(files / "records.csv")
-    if kw.get("files"):
-        files.mkdir(parents=True, exist_ok=True)
-        copied = []
-        for f in kw["files"]:
-            shutil.copy(f, files / Path(f).name)
-            copied.append(str(files / Path(f).name))
-        kw["files"] = copied
-    result = f"{PENDING_PREFIX}{entry_id}" if op in ("start_parent", "log_drafter_run") else None
-    _pending_dir().mkdir(parents=True, exist_ok=True)
-    with _journal().open("a") as f:
-        f.write(json.dumps({"op": op, "kwargs": kw, "result": result}, default=str) + "\n")
-    return result
-
-
-def _has_pending(kwargs: dict) -> bool:
-    vals = [kwargs.get("parent_id"), kwargs.get("run_id"), *(kwargs.get("run_ids") or [])]
-    return any(isinstance(v, str) and v.startswith(PENDING_PREFIX) for v in vals)
-
-
-def _call(op: str, fn, **kwargs):
-    """Call the tracking server, or journal the call when the server is unreachable (or the call refers to a
-    run that only exists in the journal so far). A journal left by an earlier outage is replayed first."""
-    if _journal().exists():
-        try:
-            sync()
-        except Exception:  # noqa: BLE001 - still offline: keep journaling
-            pass
-    if _has_pending(kwargs):
-        return _record(op, kwargs)
-    try:
-        return fn(**kwargs)
-    except Exception as exc:  # noqa: BLE001
-        if not _is_offline_error(exc):
-            raise
-        import logging
-
-        logging.getLogger(__name__).warning("MLflow unreachable (%s): %s kept in %s; `sd2 sync` sends it",
-                                            exc.__class__.__name__, op, _pending_dir())
-        return _record(op, kwargs)
-
-
 def start_parent(target: str, name: str, tags: dict | None = None, params: dict | None = None) -> str:
-    return _call("start_parent", _start_parent, target=target, name=name, tags=tags, params=params)
+    return journaled("start_parent", _start_parent, target=target, name=name, tags=tags, params=params)
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    return _call("end_run", _end_run, run_id=run_id, status=status)
+    return journaled("end_run", _end_run, run_id=run_id, status=status)
 
 
 def log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: dict,
                     records: pd.DataFrame | None = None, model_dir=None, dataset_dir=None,
                     extra_tags: dict | None = None) -> str:
-    return _call(
+    return journaled(
         "log_drafter_run", _log_drafter_run, parent_id=parent_id, target=target, name=name, params=params, res=res, records=records,
         model_dir=str(model_dir) if model_dir else None, dataset_dir=str(dataset_dir) if dataset_dir else None,
         extra_tags=extra_tags)
 
 
 def log_parent_artifacts(parent_id: str, files: list, metrics: dict | None = None) -> None:
-    return _call(
+    return journaled(
         "log_parent_artifacts", _log_parent_artifacts, parent_id=parent_id, files=[str(f) for f in files], metrics=metrics)
 
 
-def register_champion(target: str, run_ids: list[str]) -> dict | None:
-    return _call("register_champion", _register_champion, target=target, run_ids=run_ids)
+
+
+
+
+JOURNALED_OPS = {"start_parent": _start_parent, "end_run": _end_run, "log_drafter_run": _log_drafter_run,
+                 "log_parent_artifacts": _log_parent_artifacts}
 
 
 def sync() -> int:
-    """Replay the offline journal against the tracking server; returns the number of calls sent."""
-    import shutil
+    """Send the calls journaled while the tracking server was unreachable (see sd2.journal)."""
+    from sd2.journal import sync as _sync
 
-    journal = _journal()
-    if not journal.exists():
-        return 0
-    entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    ids_file = _pending_dir() / "resolved.json"
-    resolved: dict = json.loads(ids_file.read_text()) if ids_file.exists() else {}
-    sent = 0
-    fns = {"start_parent": _start_parent, "end_run": _end_run, "log_drafter_run": _log_drafter_run,
-           "log_parent_artifacts": _log_parent_artifacts, "register_champion": _register_champion}
-    for i, e in enumerate(entries):
-        if e.get("done"):
-            continue
-        kw = dict(e["kwargs"])
-        for k in ("parent_id", "run_id"):
-            if kw.get(k) in resolved:
-                kw[k] = resolved[kw[k]]
-        if kw.get("run_ids"):
-            kw["run_ids"] = [resolved.get(r, r) for r in kw["run_ids"]]
-        if isinstance(kw.get("records"), str):
-            kw["records"] = pd.read_csv(kw["records"])
-        out = fns[e["op"]](**kw)
-        if e.get("result"):
-            resolved[e["result"]] = out
-            ids_file.write_text(json.dumps(resolved))
-        e["done"] = True
-        journal.write_text("".join(json.dumps(x, default=str) + "\n" for x in entries))
-        sent += 1
-    shutil.rmtree(_pending_dir(), ignore_errors=True)
-    return sent
+    return _sync()
+
+
+def __getattr__(name: str):
+    """Names that moved: the registry (champion, export) and the offline journal have their own modules."""
+    if name in ("register_champion", "export_drafter"):
+        from sd2 import registry
+
+        return getattr(registry, name)
+    raise AttributeError(name)

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd2.config import TrainConfig
-from sd2.data import encode_prompt
-from sd2.distill import load_distilled
+from sd2.data import encode_prompt, load_distilled
 from sd2.errors import UserError
 from sd2.io import write_json
 from sd2.models import check_output_dir, load_model, same_tokenizer
@@ -246,42 +245,55 @@ def _placement(cfg: TrainConfig):
     return where
 
 
-def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
-    """The training itself; runs in the current process (one rank of a distributed launch, or alone)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+class MaskKeeper:
+    """TrainerCallback that re-applies the sparsity masks after every optimizer step (also on DeepSpeed's
+    partitioned fp32 master weights). `trainer` is set once the trainer exists."""
 
+    def __init__(self, masks: "SparsityMasks"):
+        from transformers import TrainerCallback
+
+        self.masks, self.trainer = masks, None
+        self.callback = type("_MaskCallback", (TrainerCallback,), {"on_step_end": self._on_step_end})()
+
+    def _on_step_end(self, args, state, control, **kw):
+        self.masks.apply(self.trainer.model, getattr(self.trainer, "deepspeed", None))
+
+
+def _trainer_class():
+    """HF Trainer with the KD loss when a teacher is attached (`teacher`, `kd_divergence` attributes)."""
+    from transformers import Trainer
+
+    class SD2Trainer(Trainer):
+        teacher = None
+        kd_divergence = "fkl"
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            with torch.no_grad():
+                t_logits = self.teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
+                                                                   attention_mask=inputs["attention_mask"]).logits
+            loss = kd_loss(outputs.logits, t_logits, inputs["labels"], self.kd_divergence)
+            return (loss, outputs) if return_outputs else loss
+    return SD2Trainer
+
+
+def _teacher(cfg: TrainConfig, where, tok):
+    """The KD teacher, replicated on each rank's device in the training dtype (no gradients, no optimizer state);
+    targets larger than one GPU need precomputed teacher logits instead."""
     from sd2.device import Placement
 
-    out = Path(cfg.out)
-    work = _work_dir(out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
-    where = _placement(cfg)
-    if where.is_cuda and "LOCAL_RANK" not in os.environ:
-        torch.cuda.set_device(torch.device(where.device))  # a pinned GPU (cuda:N) for the in-process run
-    model, tok = load_model(cfg.init, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
-    model.train()
-    ds = load_distilled(cfg.data)
-    examples, dropped = build_examples(ds, tok, cfg.seq_len, cfg.packing)
-    if not examples:
-        raise UserError(f"--seq-len {cfg.seq_len}: shorter than every prompt ({dropped} dropped); raise it")
-    if dropped:
-        log.warning("%d example(s) dropped: prompt longer than --seq-len %d", dropped, cfg.seq_len)
-    masks = SparsityMasks.from_model(model, _pruned_layers(cfg.init))
-    if masks:
-        log.info("keeping sparsity masks on %d linear layers (density %.3f)", len(masks.masks), masks.density())
-        masks.hook_gradients(model)
-    teacher = None
-    if cfg.loss == "kd":
-        teacher_spec = cfg.kd_target or _data_target(cfg.data)
-        # The teacher is replicated on each rank's device in the training dtype (no gradients, no optimizer
-        # state); targets larger than one GPU need precomputed teacher logits instead.
-        rank_dev = f"cuda:{os.environ.get('LOCAL_RANK', where.device.split(':')[-1])}" if where.is_cuda else "cpu"
-        teacher, ttok = load_model(teacher_spec, placement=Placement(rank_dev, where.dtype))
-        if not same_tokenizer(tok, ttok):
-            raise UserError(f"--loss kd: teacher {teacher_spec!r} has another tokenizer than the drafter")
-        teacher.requires_grad_(False)
+    spec = cfg.kd_target or _data_target(cfg.data)
+    rank_dev = f"cuda:{os.environ.get('LOCAL_RANK', where.device.split(':')[-1])}" if where.is_cuda else "cpu"
+    teacher, ttok = load_model(spec, placement=Placement(rank_dev, where.dtype))
+    if not same_tokenizer(tok, ttok):
+        raise UserError(f"--loss kd: teacher {spec!r} has another tokenizer than the drafter")
+    return teacher.requires_grad_(False)
+
+
+def _training_args(cfg: TrainConfig, where, work: Path, progress: bool):
+    from transformers import TrainingArguments
 
     on_cpu = not where.is_cuda
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -294,7 +306,7 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
         accel_cfg = {"use_configured_state": True}
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(work / "checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
         warmup_steps=int(round(cfg.warmup_ratio * cfg.max_steps)), weight_decay=cfg.weight_decay,
@@ -302,30 +314,46 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         # With DeepSpeed on CPU (DS_ACCELERATOR=cpu), use_cpu must stay off or accelerate silently uses DDP.
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=on_cpu and not cfg.deepspeed,
         deepspeed=str(cfg.deepspeed) if cfg.deepspeed else None, dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=not progress, ddp_backend="gloo" if on_cpu and distributed and not cfg.deepspeed else None,
+        remove_unused_columns=False, disable_tqdm=not progress,
+        ddp_backend="gloo" if on_cpu and distributed and not cfg.deepspeed else None,
         max_grad_norm=1.0, save_only_model=False, accelerator_config=accel_cfg,
         bf16=where.dtype == "bfloat16", fp16=where.dtype == "float16",
     )
 
-    class _Masker(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            masks.apply(trainer.model, getattr(trainer, "deepspeed", None))
 
-    class _Trainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if teacher is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            with torch.no_grad():
-                t_logits = teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
-                                                              attention_mask=inputs["attention_mask"]).logits
-            loss = kd_loss(outputs.logits, t_logits, labels, cfg.kd_divergence)
-            return (loss, outputs) if return_outputs else loss
+def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
+    """The training itself; runs in the current process (one rank of a distributed launch, or alone)."""
+    from transformers import set_seed
 
-    trainer = _Trainer(model=model, args=args, train_dataset=examples,
-                       data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
-                       callbacks=[_Masker()] if masks else [])
+    out = Path(cfg.out)
+    work = _work_dir(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    where = _placement(cfg)
+    if where.is_cuda and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(torch.device(where.device))  # a pinned GPU (cuda:N) for the in-process run
+    model, tok = load_model(cfg.init, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
+    model.train()
+    examples, dropped = build_examples(load_distilled(cfg.data), tok, cfg.seq_len, cfg.packing)
+    if not examples:
+        raise UserError(f"--seq-len {cfg.seq_len}: shorter than every prompt ({dropped} dropped); raise it")
+    if dropped:
+        log.warning("%d example(s) dropped: prompt longer than --seq-len %d", dropped, cfg.seq_len)
+    masks = SparsityMasks.from_model(model, _pruned_layers(cfg.init))
+    keeper = None
+    if masks:
+        log.info("keeping sparsity masks on %d linear layers (density %.3f)", len(masks.masks), masks.density())
+        masks.hook_gradients(model)
+        keeper = MaskKeeper(masks)
+    args = _training_args(cfg, where, work, progress)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=Collator(
+        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
+        callbacks=[keeper.callback] if keeper else [])
+    if cfg.loss == "kd":
+        trainer.teacher, trainer.kd_divergence = _teacher(cfg, where, tok), cfg.kd_divergence
+    if keeper:
+        keeper.trainer = trainer
     resume_from = None
     if cfg.resume:
         last = last_complete_checkpoint(work / "checkpoints")
@@ -333,7 +361,13 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         if resume_from:
             log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    _publish(cfg, where, trainer, tok, masks, result, examples, dropped, out, work)
+    return out
 
+
+def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, dropped: int, out: Path,
+             work: Path) -> None:
+    """Save the trained drafter (in the requested dtype) with its training record, then rename it into place."""
     final_tmp = work / "final"
     regrown = masks.regrown(trainer.model) if masks and trainer.is_world_process_zero() else 0
     if regrown:
@@ -341,30 +375,30 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     if where.dtype != "float32" and getattr(trainer, "deepspeed", None) is None:
         trainer.model.to(where.torch_dtype)  # saved in the requested dtype (DeepSpeed saves its 16-bit weights)
     trainer.save_model(str(final_tmp))  # all ranks: ZeRO-3 gathers the full weights here
-    if trainer.is_world_process_zero():
-        tok.save_pretrained(final_tmp)
-        (final_tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in sd2_train.json
-        engine = getattr(trainer, "deepspeed", None)
-        n_tokens = sum(len(e["input_ids"]) for e in examples)
-        epochs = result.metrics.get("epoch", 0.0) or 0.0
-        write_json({
-            "config": json.loads(cfg.model_dump_json()),
-            "train_loss": result.training_loss, "global_step": trainer.state.global_step,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "train_tokens_per_s": n_tokens * epochs / result.metrics["train_runtime"]
-            if result.metrics.get("train_runtime") else None,
-            "world_size": args.world_size, "device": where.describe(), "distributed_type": str(trainer.accelerator.distributed_type),
-            "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
-            "examples": len(examples), "dropped": dropped, "masked_layers": len(masks.masks),
-            "mask_density": masks.density(), "regrown": regrown,
-            "log_history": trainer.state.log_history,
-        }, final_tmp / "sd2_train.json")
-        _carry_lineage(cfg.init, final_tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(final_tmp, out)
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    if not trainer.is_world_process_zero():
+        return
+    tok.save_pretrained(final_tmp)
+    (final_tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in sd2_train.json
+    engine = getattr(trainer, "deepspeed", None)
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
+    epochs = result.metrics.get("epoch", 0.0) or 0.0
+    runtime = result.metrics.get("train_runtime")
+    write_json({
+        "config": json.loads(cfg.model_dump_json()),
+        "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+        "train_runtime_s": runtime, "train_tokens_per_s": n_tokens * epochs / runtime if runtime else None,
+        "world_size": trainer.args.world_size, "device": where.describe(),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
+        "examples": len(examples), "dropped": dropped, "masked_layers": len(masks.masks),
+        "mask_density": masks.density(), "regrown": regrown,
+        "log_history": trainer.state.log_history,
+    }, final_tmp / "sd2_train.json")
+    _carry_lineage(cfg.init, final_tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(final_tmp, out)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:

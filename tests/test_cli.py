@@ -15,7 +15,8 @@ runner = CliRunner()
 EVAL_KEYS = {"target", "drafter", "gamma", "temperature", "max_new_tokens", "n_prompts", "mal", "mal_ci95",
              "acceptance_rate", "per_position_acceptance", "target_tokens_per_s", "spec_tokens_per_s", "speedup",
              "target_macs_per_token", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup", "lossless",
-             "per_category", "numeric_path"}
+             "per_category", "numeric_path", "verify_cost_ratio", "drafter_time_ratio", "predicted_speedup",
+             "target_forward_ms"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,10 @@ def test_eval_writes_contract_json(tiny, tmp_path):
     assert set(res["per_category"]) == {"a", "b"} and res["per_category"]["a"]["n_prompts"] == 2
     assert res["cost_ratio"] == pytest.approx(1.0)
     assert res["theoretical_speedup"] == pytest.approx(res["mal"] / 4)
+    # the measured cost model: positive, and the predicted speedup follows from it
+    assert res["verify_cost_ratio"] > 0 and res["drafter_time_ratio"] > 0 and res["target_forward_ms"] > 0
+    assert res["predicted_speedup"] == pytest.approx(
+        res["mal"] / (3 * res["drafter_time_ratio"] + res["verify_cost_ratio"]))
     assert (tmp_path / "r.records.csv").exists()
 
 
@@ -150,7 +155,8 @@ def test_unreachable_servers_one_line(tmp_path, monkeypatch):
     assert code == 2 and "MLFLOW_TRACKING_URI" in text and len(text.strip().splitlines()) == 1
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{dead}/api")
-    code, text = _run("pipeline", "--config", str(tmp_path / "none.yaml"))
+    (tmp_path / "ok.yaml").write_text("profile: tiny\n")  # a valid config: the server is checked after the form
+    code, text = _run("pipeline", "--config", str(tmp_path / "ok.yaml"))
     assert code == 2 and "PREFECT_API_URL" in text
 
 

@@ -1,8 +1,6 @@
 """`sd2 export` from MLflow (run id and registry alias) and the HF assisted-generation one-liner."""
 
-import os
 
-import pytest
 import torch
 from typer.testing import CliRunner
 

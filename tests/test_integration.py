@@ -104,6 +104,19 @@ def test_deploy_trigger_and_read_back(stack, tok300, seed_file):
     assert deps["nightly-eval"]["schedules"][0]["schedule"]["cron"] == "30 2 * * *"
     assert deps["sd2-pipeline"]["work_pool_name"] == "sd2"
 
+    # The UI's custom-run form is this schema: it shows the constraints, and the server refuses what breaks them.
+    schema = deps["sd2-pipeline"]["parameter_openapi_schema"]
+    grid = schema["definitions"]["SweepGrid"]["properties"]
+    assert grid["sparsities"]["items"]["exclusiveMaximum"] == 1.0 and grid["sparsities"]["items"]["minimum"] == 0.0
+    assert grid["patterns"]["items"]["pattern"].startswith("^(unstructured|")
+    assert grid["methods"]["items"]["enum"] == ["sparsegpt", "wanda", "magnitude"]
+    for bad, field in [({"sweep": {"sparsities": [1.5]}}, "sparsities"), ({"sweep": {"patterns": ["2-4"]}}, "patterns"),
+                       ({"gamma": 0}, "gamma"), ({"device": "gpu"}, "device")]:
+        r = httpx.post(f"{api}/deployments/{deps['sd2-pipeline']['id']}/create_flow_run",
+                       json={"parameters": {"config": bad}})
+        assert r.status_code == 409 and field in r.text, (bad, r.status_code, r.text)
+    assert not httpx.post(f"{api}/flow_runs/filter", json={}).json()  # no run was created for them
+
     worker_log = stack["root"] / "worker.log"
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "-p", "sd2", "--limit", "1"], env=env,
                               cwd=ROOT, stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -158,6 +171,9 @@ def test_sd2_ui_starts_both_servers_and_later_commands_use_them(tmp_path):
         assert f"http://127.0.0.1:{pp}" in r.stdout and f"http://127.0.0.1:{mp}" in r.stdout
         assert httpx.get(f"http://127.0.0.1:{mp}/health").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{pp}/api/health").status_code == 200
+        # the browser UI served on port P calls the API on port P (not Prefect's default 4200)
+        ui = httpx.get(f"http://127.0.0.1:{pp}/ui-settings").json()
+        assert ui["api_url"] == f"http://127.0.0.1:{pp}/api", ui
         # a later command reaches the MLflow server of `sd2 ui`: an experiment that only the server has
         assert httpx.post(f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/create",
                           json={"name": "sd2/probe"}).status_code == 200

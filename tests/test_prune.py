@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from sd2.cli import app
 from sd2.errors import UserError
 from sd2.models import load_model, save_model
-from sd2.prune import prune_model, validate
+from sd2.prune import prune_model
 from sd2.prune.layers import choose_layers, keep_layers, layer_block_distances, layers_for_macs
 from sd2.prune.magnitude import prune_magnitude
 from sd2.prune.masks import nm_prune_mask, parse_pattern, satisfies_nm, unstructured_prune_mask

@@ -1,10 +1,9 @@
-import itertools
 
 import pytest
 import torch
 
 from sd2.specdec import SpecDecoder, hf_assisted_generate
-from tests.conftest import make_llama, make_tokenizer, perturbed
+from tests.conftest import make_llama, perturbed
 
 PROMPT = [5, 17, 42, 8, 29, 3]
 

@@ -24,7 +24,7 @@ def calibration_ids(source: str | Path | None, tok, n_samples: int = 32, seq_len
         raise UserError("--calib: required for this method (a distilled dataset dir or a prompts JSONL file)")
     path = Path(source)
     if path.is_dir():
-        from sd2.distill import load_distilled
+        from sd2.data import load_distilled
 
         ds = load_distilled(path)
         texts = [(r["prompt"], r["response"]) for r in ds]
