@@ -47,7 +47,8 @@ def tokenizer(vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"], show_progress=False,
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                                          show_progress=False,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 

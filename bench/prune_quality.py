@@ -79,7 +79,8 @@ def main() -> None:
             prune_model(m, method, sparsity, pattern, samples if method != "magnitude" else None, progress=False)
             secs = time.perf_counter() - t0
             ppl, rec = heldout_metrics(m, dense, tok, held, args.seq_len)
-            results.append({"method": method, "pattern": pattern, "sparsity": round(sparsity_report(m, DEFAULT_FILTER)["sparsity"], 4),
+            results.append({"method": method, "pattern": pattern,
+                            "sparsity": round(sparsity_report(m, DEFAULT_FILTER)["sparsity"], 4),
                             "ppl": ppl, "rel_recon_error": rec, "seconds": secs})
             print(json.dumps(results[-1]), flush=True)
     print("| method | pattern | sparsity (measured, decoder linears) | held-out ppl | rel. recon. error | prune s |")

@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from sd2 import metrics
+from sd2.config import DEFAULT_TARGET
 from sd2.data import encode_prompt, load_prompts
 from sd2.fastpath import pack_fp16
 from sd2.models import load_model, save_model, sd2_home
@@ -44,7 +45,7 @@ def hf_target_only(model, ids, n) -> DecodeResult:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--target", default=DEFAULT_TARGET)
     ap.add_argument("--drafter", default=None, help="default: the target's layers 0-9 + 29")
     ap.add_argument("--limit", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)

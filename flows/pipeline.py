@@ -48,7 +48,8 @@ def ensure_gpu_slot() -> None:
 
 
 def _prefect_tags() -> dict:
-    return {"prefect.flow_run_id": flow_run.get_id() or "", "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
+    return {"prefect.flow_run_id": flow_run.get_id() or "",
+            "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
 
 
 @flow(name="self-distill", log_prints=True)
@@ -220,7 +221,8 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
     create_table_artifact(
         key="sd2-results",
         table=[{"drafter": r["drafter"], "MAL": round(r["mal"], 3), "MAL 95% CI": r["mal_ci95"],
-                "acceptance": round(r["acceptance_rate"], 3), "MACs/token (M)": round(r["drafter_macs_per_token"] / 1e6, 2),
+                "acceptance": round(r["acceptance_rate"], 3),
+                "MACs/token (M)": round(r["drafter_macs_per_token"] / 1e6, 2),
                 "theoretical speedup": round(r["theoretical_speedup"], 3), "measured speedup": round(r["speedup"], 3),
                 "lossless": r["lossless"], "MLflow run": link(r["mlflow_run"])} for r in rows],
         description=f"sd2 drafters vs {settings.target} (γ={settings.gamma}); champion: "

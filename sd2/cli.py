@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from sd2.config import DEFAULT_TARGET, FAST_PATHS, METHODS
 from sd2.errors import UserError, storage_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,7 +51,7 @@ def _cli(fn):
 def eval_cmd(
     drafter: str = typer.Option(..., help="drafter model SPEC (alias, HF dir or hub id)"),
     out: Path = typer.Option(..., help="where to write the JSON result"),
-    target: str = typer.Option("smollm2-135m-instruct", help="target model SPEC"),
+    target: str = typer.Option(DEFAULT_TARGET, help="target model SPEC"),
     prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: Spec-Bench in the data dir)"),
     categories: Optional[str] = typer.Option(None, help="comma-separated categories"),
     limit: Optional[int] = typer.Option(None, help="number of prompts, taken in turn from each category"),
@@ -61,13 +62,14 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, help="torch threads (pin for comparable timings)"),
     uag: bool = typer.Option(False, help="allow a drafter with another tokenizer"),
     context: int = typer.Option(256, help="context length for attention MACs"),
-    fast_path: str = typer.Option("none", help="CPU numeric path: none | drafter-fp16 | fp16 (both models)"),
+    fast_path: str = typer.Option("none", help="CPU numeric path: " + " | ".join(FAST_PATHS)),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights"),
     trust_remote_code: bool = typer.Option(False),
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),
     replay_gammas: Optional[str] = typer.Option(
         None, help="e.g. 2,4,6: greedy MAL at these γ too, by exact replay (one drafter pass per prompt)"),
-    replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
+    replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
+    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
     """Speculative decoding of every prompt with the drafter, and target-only decoding, in one process."""
@@ -96,7 +98,7 @@ def eval_cmd(
 def distill_cmd(
     prompts: str = typer.Option(..., help="seed JSONL file or HF dataset id"),
     out: Path = typer.Option(..., help="output dataset dir (datasets.load_from_disk)"),
-    target: str = typer.Option("smollm2-135m-instruct", help="target model SPEC"),
+    target: str = typer.Option(DEFAULT_TARGET, help="target model SPEC"),
     mode: str = typer.Option("regenerate", help="regenerate | rewrite | reference (seed answers, no generation)"),
     limit: Optional[int] = typer.Option(None, help="number of seed records"),
     max_new_tokens: int = typer.Option(256),
@@ -203,7 +205,7 @@ def macs_cmd(
 @_cli
 def prune_cmd(
     model: str = typer.Option(..., help="model SPEC to prune"),
-    method: str = typer.Option(..., help="sparsegpt | wanda | magnitude"),
+    method: str = typer.Option(..., help=" | ".join(METHODS)),
     out: Path = typer.Option(..., help="output model dir (+ sparsity.json)"),
     sparsity: Optional[float] = typer.Option(None, help="share of weights to zero, in [0, 1) (implied by N:M)"),
     pattern: str = typer.Option("unstructured", help="unstructured | N:M such as 2:4"),
@@ -308,18 +310,21 @@ def _alive(pids: list[int]) -> bool:
 def _print_compare(parent: str | None = None, experiment: str | None = None, fmt: str = "table") -> None:
     from sd2.tracking import compare
 
+    from sd2.report import terminal_table
+
+    if fmt not in ("table", "csv", "json"):
+        raise UserError(f"--format {fmt!r}: use table, csv or json")
     df = compare(experiment, parent)
     cols = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
-            "cost_ratio", "theoretical_speedup", "speedup", "lossless", "run_id"]
+            "cost_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio", "predicted_speedup",
+            "speedup", "lossless", "run_id"]
     view = df[[c for c in cols if c in df.columns]]
     if fmt == "csv":
         typer.echo(view.to_csv(index=False).rstrip())
     elif fmt == "json":
         typer.echo(view.to_json(orient="records", indent=2))
-    elif fmt == "table":
-        typer.echo(view.to_string(index=False, float_format=lambda v: f"{v:.3f}" if abs(v) < 1e5 else f"{v:.3g}"))
     else:
-        raise UserError(f"--format {fmt!r}: use table, csv or json")
+        typer.echo(terminal_table(view))
 
 
 def _failed_cells_exit(exc) -> None:
@@ -353,7 +358,7 @@ def _run_pipeline(cfg) -> None:
 @_cli
 def demo_cmd(
     profile: str = typer.Option("quick", help="quick (≈10 min on 2 CPU cores) | full (longer, better)"),
-    target: str = typer.Option("smollm2-135m-instruct"),
+    target: str = typer.Option(DEFAULT_TARGET, help="target model SPEC"),
 ):
     """The whole pipeline on the real SmolLM2 target: distill → train → prune sweep → baselines → evaluate → MLflow."""
     from sd2.config import PipelineConfig, SweepGrid
@@ -396,7 +401,7 @@ def pipeline_cmd(config: Path = typer.Option(..., help="YAML file of PipelineCon
 def sweep_cmd(
     drafter: str = typer.Option(..., help="dense drafter dir to prune"),
     data: Path = typer.Option(..., help="distilled dataset dir (calibration + sparse fine-tuning)"),
-    target: str = typer.Option("smollm2-135m-instruct"),
+    target: str = typer.Option(DEFAULT_TARGET, help="target model SPEC"),
     methods: str = typer.Option("sparsegpt", help="comma-separated: sparsegpt,wanda,magnitude"),
     patterns: str = typer.Option("unstructured", help="comma-separated: unstructured,2:4"),
     sparsities: str = typer.Option("0.5", help="comma-separated unstructured sparsities"),

@@ -75,7 +75,8 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
                 ended = True
                 break
             toks.append(t)
-        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, not ended and len(row) >= max_new_tokens))
+        truncated = not ended and len(row) >= max_new_tokens
+        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, truncated))
     return results
 
 
@@ -112,8 +113,8 @@ def _generator(cfg: DistillConfig, placement=None):
         return gen, f"served:{served}", {"served_model": served, "served_models": names, "base_urls": backend.urls}
     if placement is None:  # several workers: each loads the target on its own device (_worker)
         return None, model_digest(cfg.target), {}
-    model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code,
-                            placement=placement)
+    model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle,
+                            trust_remote_code=cfg.load.trust_remote_code, placement=placement)
     if tok is None:
         raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
 
@@ -298,7 +299,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     check_output_dir(out, cfg.overwrite)
     prompts = _check_seeds(cfg)
     seed_path = Path(str(cfg.prompts))
-    seed_digest = file_digest(seed_path) if seed_path.exists() else hashlib.sha256(str(cfg.prompts).encode()).hexdigest()
+    seed_digest = (file_digest(seed_path) if seed_path.exists()
+                   else hashlib.sha256(str(cfg.prompts).encode()).hexdigest())
     many = where is not None and len(where.workers) > 1
     gen, target_digest, info = _generator(cfg, None if many else where)
     key = _run_key(cfg, target_digest, seed_digest)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sd2.config import FAST_PATHS as PATHS  # noqa: F401 - one list of numeric paths
 from sd2.errors import UserError
 
-PATHS = ("none", "drafter-fp16", "fp16")
 
 
 class PackedFP16Linear(nn.Module):

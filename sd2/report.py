@@ -31,6 +31,29 @@ def eval_table(res: dict) -> str:
     return "\n".join(head + rows)
 
 
+def _cell(col: str, v) -> str:
+    """One table cell for people: MACs in millions, booleans as true/false, run ids short, 3 decimals."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    if col == "lossless":
+        return "true" if float(v) >= 0.5 else "false"
+    if col == "run_id" or col == "parent":
+        return str(v)[:8]
+    if "macs" in col:
+        return f"{float(v) / 1e6:.1f} M"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def terminal_table(df) -> str:
+    """A compare/demo table for the terminal (`49.0 M` MACs, `true`/`false`, short run ids)."""
+    view = df.copy().astype(object)
+    for col in view.columns:
+        view[col] = [_cell(col, v) for v in df[col]]
+    return view.to_string(index=False)
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated by another (lower cost and higher value)."""
     front = []
@@ -192,7 +215,8 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
     for c in configs:
         lines.append(f".venv/bin/sd2 pipeline --config {c}")
     lines += [f".venv/bin/{command or 'sd2 report'}", "```", "",
-              "| study | MLflow parent run | target | drafter base | wall time here | git |", "|---|---|---|---|---|---|"]
+              "| study | MLflow parent run | target | drafter base | wall time here | git |",
+              "|---|---|---|---|---|---|"]
     for name, parent, kids in studies:
         lines.append(f"| {name} | `{parent['run_id']}` | {parent.get('params.target')} | "
                      f"{parent.get('params.drafter_base') or parent.get('params.target')} "
@@ -214,7 +238,8 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
                   f"(layers {parent.get('params.drafter_layers')}); self-distillation "
                   f"{parent.get('params.distill_mode')} on {parent.get('params.distill_limit')} seed prompts "
                   f"({parent.get('params.distill_max_new_tokens')} new tokens); dense training "
-                  f"{parent.get('params.train_steps')} steps, sparse fine-tuning {parent.get('params.sparse_ft_steps')} "
+                  f"{parent.get('params.train_steps')} steps, sparse fine-tuning "
+                  f"{parent.get('params.sparse_ft_steps')} "
                   f"steps (batch {parent.get('params.train_batch_size')}, lr {parent.get('params.lr')}); eval on "
                   f"{parent.get('params.eval_limit')} Spec-Bench prompts (engine, with timings)"
                   + (f" and {parent.get('params.replay_limit')} prompts (replayed greedy γ)"

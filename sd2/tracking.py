@@ -272,14 +272,16 @@ def log_drafter_run(parent_id: str, target: str, name: str, params: dict, res: d
                     records: pd.DataFrame | None = None, model_dir=None, dataset_dir=None,
                     extra_tags: dict | None = None) -> str:
     return journaled(
-        "log_drafter_run", _log_drafter_run, parent_id=parent_id, target=target, name=name, params=params, res=res, records=records,
+        "log_drafter_run", _log_drafter_run, parent_id=parent_id, target=target, name=name, params=params, res=res,
+        records=records,
         model_dir=str(model_dir) if model_dir else None, dataset_dir=str(dataset_dir) if dataset_dir else None,
         extra_tags=extra_tags)
 
 
 def log_parent_artifacts(parent_id: str, files: list, metrics: dict | None = None) -> None:
     return journaled(
-        "log_parent_artifacts", _log_parent_artifacts, parent_id=parent_id, files=[str(f) for f in files], metrics=metrics)
+        "log_parent_artifacts", _log_parent_artifacts, parent_id=parent_id, files=[str(f) for f in files],
+        metrics=metrics)
 
 
 

@@ -456,4 +456,5 @@ def _data_target(data: Path) -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="[sd2 rank %(process)d] %(message)s")
-    train_worker(TrainConfig.model_validate_json(Path(sys.argv[1]).read_text()), progress=os.environ.get("RANK", "0") == "0")
+    train_worker(TrainConfig.model_validate_json(Path(sys.argv[1]).read_text()),
+                 progress=os.environ.get("RANK", "0") == "0")

@@ -184,9 +184,9 @@ def distill_task(out: Path, target: str, prompts: str, mode: str, limit: int, ma
     from sd2.config import DistillConfig
     from sd2.distill import distill
 
-    distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, threads=threads, seed=seed, overwrite=True, device=device,
-                          dtype=dtype), progress=False)
+    distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
+                          overwrite=True, device=device, dtype=dtype), progress=False)
 
 
 @stage("derive", inputs=("target",), gpu=False, title="derive-drafter")

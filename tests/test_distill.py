@@ -93,11 +93,13 @@ def test_distill_cli_bad_input(tiny_model_dir, seed_file, tmp_path):
         res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--out", str(tmp_path / "o"), *args])
         assert res.exit_code == 2 and needle in res.output, res.output
         assert not (tmp_path / "o").exists()
-    res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(seed_file), "--out", str(nonempty)])
+    res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(seed_file),
+                         "--out", str(nonempty)])
     assert res.exit_code == 2 and "--overwrite" in res.output
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(empty), "--out", str(tmp_path / "o")])
+    res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(empty),
+                         "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no records" in res.output
     gsm = tmp_path / "noref.jsonl"
     gsm.write_text('{"prompt": "hi"}\n')

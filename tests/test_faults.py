@@ -79,7 +79,8 @@ def test_sigkill_during_training_then_resume(tmp_path, tok300):
     subprocess.run([*SD2, *args, "--out", str(ref)], env=_env(), check=True, capture_output=True)
     out = tmp_path / "m"
     ck = tmp_path / "m.partial" / "checkpoints"
-    killed = _kill_when([*SD2, *args, "--out", str(out)], lambda: (ck / "checkpoint-12" / "trainer_state.json").exists())
+    killed = _kill_when([*SD2, *args, "--out", str(out)],
+                        lambda: (ck / "checkpoint-12" / "trainer_state.json").exists())
     assert killed, "training finished before the kill"
     assert not out.exists()
     # a checkpoint torn while being written is skipped on resume
@@ -164,7 +165,8 @@ def test_sigkill_mid_pipeline_then_rerun_reuses_finished_stages(tiny_model_dir, 
     assert "magnitude-unstructured-0.5" in r.stdout
     for p, t in stamps.items():
         assert p.stat().st_mtime_ns == t, f"{p} was redone"
-    print(f"pipeline: killed {first:.0f} s in, after distill + dense training; the re-run took {time.time() - t0:.0f} s "
+    print(f"pipeline: killed {first:.0f} s in, after distill + dense training; "
+          f"the re-run took {time.time() - t0:.0f} s "
           f"and redid none of the {len(stamps)} finished stage dirs")
 
 

@@ -12,7 +12,8 @@ def test_gpu_check_script_passes_on_cpu():
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for line in ("distill on cpu, float32", "train on cpu, float32", "sparsegpt on cpu, float32", "self-draft: MAL 4.00",
+    for line in ("distill on cpu, float32", "train on cpu, float32", "sparsegpt on cpu, float32",
+                 "self-draft: MAL 4.00",
                  "speculative outputs equal target-only and HF greedy", "all checks passed"):
         assert line in out, out
     assert "FAIL" not in out

@@ -226,7 +226,8 @@ def test_pruned_then_sparse_finetuned_keeps_nm(tiny_dir, seed_file, tmp_path):
     datasets.Dataset.from_list([{"prompt": f"fox {i}", "response": "jumps over the dog"} for i in range(16)]
                                ).save_to_disk(str(data))
     r = runner.invoke(app, ["train", "--init", str(pruned), "--data", str(data), "--out", str(tmp_path / "ft"),
-                            "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--threads", "1"])
+                            "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+                            "--threads", "1"])
     assert r.exit_code == 0, r.output
     a, _ = load_model(str(pruned))
     b, _ = load_model(str(tmp_path / "ft"))

@@ -48,7 +48,8 @@ def _cfg(init, data, out, **kw):
 
 def _zeros(model_dir):
     m, _ = load_model(str(model_dir))
-    return {n: (mod.weight == 0) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+    return {n: (mod.weight == 0) for n, mod in m.named_modules()
+            if isinstance(mod, torch.nn.Linear) and ".layers." in n}
 
 
 def test_loss_decreases_and_output_is_plain_hf(tiny_model_dir, data_dir, tmp_path):

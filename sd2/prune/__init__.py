@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sd2.config import METHODS  # defined once, beside the config that validates it
 from sd2.errors import UserError
 from sd2.prune.calib import capture_layer_inputs, decoder_layers, run_layer, to_device
 from sd2.prune.magnitude import prune_magnitude
@@ -16,7 +17,6 @@ from sd2.prune.masks import check_nm_divides, check_sparsity, parse_pattern
 from sd2.prune.sparsegpt import HessianStats, prune_sparsegpt
 from sd2.prune.wanda import WandaStats, prune_wanda
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
 DEFAULT_FILTER = r"(self_attn|mlp)\.\w+_proj$"
 
 

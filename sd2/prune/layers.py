@@ -23,7 +23,8 @@ def parse_layer_list(spec: str, num_layers: int) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         lo, hi = (lo + num_layers if lo < 0 else lo), (hi + num_layers if hi < 0 else hi)
         if not (0 <= lo <= hi < num_layers):
-            raise UserError(f"--keep-layers: {part!r} is outside 0-{num_layers - 1} (the model has {num_layers} layers)")
+            raise UserError(f"--keep-layers: {part!r} is outside 0-{num_layers - 1} "
+                            f"(the model has {num_layers} layers)")
         out.extend(range(lo, hi + 1))
     if not out:
         raise UserError("--keep-layers: empty list")

@@ -58,7 +58,8 @@ def unstructured_prune_mask(scores: torch.Tensor, sparsity: float, per_row: bool
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     k = int(scores.numel() * sparsity)
     idx = torch.argsort(scores.flatten())[:k]
-    return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).scatter_(0, idx, True).reshape(scores.shape)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    return mask.scatter_(0, idx, True).reshape(scores.shape)
 
 
 def satisfies_nm(weight: torch.Tensor, n: int, m: int) -> bool:
