@@ -62,7 +62,8 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None, help="torch threads (pin for comparable timings)"),
     uag: bool = typer.Option(False, help="allow a drafter with another tokenizer"),
     context: int = typer.Option(256, help="context length for attention MACs"),
-    fast_path: str = typer.Option("none", help="CPU numeric path: " + " | ".join(FAST_PATHS)),
+    fast_path: str = typer.Option("auto", help="numeric path: " + " | ".join(FAST_PATHS) + " (auto: lean engine with "
+                                  "fp16-packed weights on the CPU, HF modules on a GPU; none: HF modules, exact)"),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights"),
     trust_remote_code: bool = typer.Option(False),
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),

@@ -17,7 +17,7 @@ from sd2.errors import PATTERN_HINTS, UserError, pydantic_message
 DEFAULT_TARGET = "smollm2-135m-instruct"
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 METHODS: tuple[str, ...] = get_args(Method)
-FastPath = Literal["none", "drafter-fp16", "fp16"]
+FastPath = Literal["auto", "none", "lean", "lean-fp16", "drafter-fp16", "fp16"]
 FAST_PATHS: tuple[str, ...] = get_args(FastPath)
 _DEVICE_RE = r"^(auto|cpu|cuda(:\d+)?)$"
 _PATTERN_RE = r"^(unstructured|[1-9]\d*:[1-9]\d*)$"
@@ -115,7 +115,9 @@ class EvalConfig(DecodeConfig, DevicePlacement):
     uag: bool = Field(False, description="allow a drafter with another tokenizer (Universal Assisted Generation)")
     context: int = Field(256, ge=0, description="context length at which attention MACs are counted")
     fast_path: FastPath = Field(
-        "none", description="CPU numeric path: fp16-packed GEMMs for the drafter, or for both models")
+        "auto", description="numeric path: auto (CPU: lean engine with fp16-packed weights where the models allow "
+        "it; GPU: none) | none (HF modules, exact in the dtype) | lean (fused weights, preallocated KV cache) | "
+        "lean-fp16 | drafter-fp16 | fp16 (HF modules with fp16-packed GEMMs)")
     replay_gammas: list[Gamma] | None = Field(
         None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
     replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
 from sd2.data import Prompt, encode_prompt, file_digest, load_distilled, load_prompts  # noqa: F401 - re-export
-from sd2.errors import UserError, writing
+from sd2.errors import UserError
 from sd2.device import torch_threads
-from sd2.io import atomic_write_text, write_json
+from sd2.io import atomic_write_text, publish_dir, write_json
 from sd2.models import check_output_dir, load_model, model_digest
 
 log = logging.getLogger(__name__)
@@ -251,14 +250,9 @@ def _finish(cfg: DistillConfig, out: Path, shards: Path, key: dict, info: dict, 
                 "generation_seconds_this_run": round(seconds, 2),
                 "generated_tokens_per_s_this_run": round(gen_tokens / seconds, 2) if seconds else None,
                 "columns": list(COLUMNS) + ["category", "truncated"]}
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp, out):  # on failure the finished shards stay for the re-run
+    with publish_dir(out) as tmp:  # on failure the finished shards stay for the re-run
         datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
         write_json(manifest, tmp / "sd2_manifest.json")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     shutil.rmtree(shards.parent)
     return out
 

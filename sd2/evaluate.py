@@ -34,12 +34,12 @@ def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_toke
 def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt], *, gamma: int = 4,
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, uag: bool = False,
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
-                  fast_path: str = "none", replay_gammas: list[int] | None = None,
+                  fast_path: str = "auto", replay_gammas: list[int] | None = None,
                   replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None
                   ) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
-    `fast_path` packs linear layers in place (see sd2.fastpath); MACs are counted before that.
+    `fast_path` prepares both models for a numeric path in place (resolve_fast_path); MACs are counted before.
     `replay_gammas` adds greedy MAL at other γ by exact replay (see `replay_greedy`) over `replay_prompts`
     (default: the same prompts), checked against the engine at `gamma` on the prompts both ran.
     """
@@ -53,12 +53,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                         "drop it (or evaluate each γ with the engine)")
     tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
     dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
-    if fast_path != "none":
-        if drafter is target:
-            drafter = copy.deepcopy(drafter)
-        pack_fp16(drafter)
-        if fast_path == "fp16":
-            pack_fp16(target)
+    fast_path = resolve_fast_path(fast_path, target, drafter)
+    target, drafter = apply_fast_path(fast_path, target, drafter)
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
                        drafter_tokenizer=drafter_tok, cross_tokenizer=cross)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
@@ -95,7 +91,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         out["replay"] = replay_eval(target, target_tok, drafter, replay_prompts or prompts, replay_gammas,
                                     max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
                                     engine_gamma=gamma, seed=seed, progress=progress,
-                                    cache_dir=replay_cache if fast_path != "fp16" else None)
+                                    cache_dir=_replay_cache_dir(replay_cache, fast_path))
     return out, df
 
 
@@ -104,8 +100,12 @@ def drafter_matches(drafter, prompt: list[int], tokens: list[int]) -> list[bool]
     """matches[j]: the drafter's greedy prediction after prompt + tokens[:j] is tokens[j] (one teacher-forced pass)."""
     if not tokens:
         return []
-    inp = torch.tensor([prompt + tokens[:-1]], dtype=torch.long, device=drafter.device)
-    pred = drafter(input_ids=inp, logits_to_keep=len(tokens)).logits[0].argmax(-1).tolist()
+    if getattr(drafter, "sd2_lean", None) is not None:  # the engine's own numeric path
+        logits = drafter.sd2_lean.session(len(prompt) + len(tokens)).forward(prompt + tokens[:-1], keep=len(tokens))
+        pred = logits.argmax(-1).tolist()
+    else:
+        inp = torch.tensor([prompt + tokens[:-1]], dtype=torch.long, device=drafter.device)
+        pred = drafter(input_ids=inp, logits_to_keep=len(tokens)).logits[0].argmax(-1).tolist()
     return [p == t for p, t in zip(pred, tokens)]
 
 
@@ -182,14 +182,68 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     return out
 
 
+def _replay_cache_dir(root: Path | None, fast_path: str) -> Path | None:
+    """Target greedy outputs are cached per numeric path of the target (they differ between paths)."""
+    if root is None:
+        return None
+    return root / {"none": "hf", "drafter-fp16": "hf", "fp16": "fp16", "lean": "lean", "lean-fp16": "lean-fp16"}[
+        fast_path]
+
+
+def resolve_fast_path(fast_path: str, target, drafter) -> str:
+    """`auto` → the fastest path this machine and these models allow: on the CPU the lean engine with fbgemm's
+    fp16-packed weights (bench/specdec.py has the measurements), on a GPU the HF modules in the model dtype."""
+    from sd2 import fastpath, lean
+
+    on_cpu = next(target.parameters()).device.type == "cpu"
+    if fast_path == "auto":
+        if not on_cpu:
+            return "none"
+        both_lean = lean.supports(target) and lean.supports(drafter)
+        if next(target.parameters()).dtype != torch.float32:  # a dtype the user asked for: keep its numbers
+            return "lean" if both_lean else "none"
+        return ("lean-fp16" if fastpath.available() else "lean") if both_lean else (
+            "fp16" if fastpath.available() else "none")
+    if fast_path not in ("none", "lean") and not on_cpu:
+        raise UserError(f"--fast-path {fast_path}: fbgemm packing is a CPU path; use --fast-path none or lean on "
+                        f"{next(target.parameters()).device}")
+    if fast_path.startswith("lean"):
+        for role, m in (("target", target), ("drafter", drafter)):
+            if not lean.supports(m):
+                raise UserError(f"--fast-path {fast_path}: the {role} ({m.config.model_type}) is not a Llama-family "
+                                "model the lean engine runs; use --fast-path fp16 or none")
+    return fast_path
+
+
+def apply_fast_path(fast_path: str, target, drafter):
+    """Prepare both models for the path, in place (a drafter that *is* the target is copied first when only the
+    drafter changes). Count MACs before this."""
+    from sd2 import lean
+
+    if fast_path == "none":
+        return target, drafter
+    if fast_path == "drafter-fp16":
+        return target, pack_fp16(copy.deepcopy(drafter) if drafter is target else drafter)
+    if fast_path == "fp16":
+        pack_fp16(target)
+        return target, (drafter if drafter is target else pack_fp16(drafter))
+    fp16 = fast_path == "lean-fp16"
+    lean.attach(target, fp16)
+    if drafter is not target:
+        lean.attach(drafter, fp16)
+    return target, drafter
+
+
 def numeric_path(model, fast_path: str = "none") -> str:
-    """How the target's numbers are computed: dtype, device and packing (lossless is judged within one path)."""
-    p = next(model.parameters())
-    base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(p.dtype, str(p.dtype))
-    if p.device.type != "cpu":
+    """How the target's numbers are computed: dtype, device, packing and engine (lossless is judged within one)."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    if p is not None and p.device.type != "cpu":
         base += f" on {p.device}"
     return {"none": base, "drafter-fp16": f"{base} target, fp16-packed drafter",
-            "fp16": "fp16-packed target and drafter"}[fast_path]
+            "fp16": "fp16-packed target and drafter", "lean": f"{base}, lean engine",
+            "lean-fp16": "fp16-packed weights, lean engine"}[fast_path]
 
 
 def _decode_all(base: SpecDecoder, spec: SpecDecoder, prompts: list[Prompt], encoded, max_new_tokens: int,
@@ -229,9 +283,9 @@ def measure_costs(target, drafter, drafter_prompt: list[int], prompt: list[int],
     verify_cost_ratio v = a target forward over γ+1 new tokens ÷ a one-token target forward;
     drafter_time_ratio = a one-token drafter forward ÷ a one-token target forward.
     With MAL they predict the speedup: MAL ÷ (γ·drafter_time_ratio + v) (metrics.predicted_speedup)."""
-    from sd2.specdec import _Cached
+    from sd2.specdec import cached
 
-    tc, dc = _Cached(target), _Cached(drafter)
+    tc, dc = cached(target), cached(drafter)
     ctx = list(prompt[-64:]) or [0]
     dctx = list(drafter_prompt[-64:]) or [0]
     tc.forward(ctx, keep=1)
@@ -273,7 +327,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
     opts = cfg.load
     where = devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, opts.allow_pickle))
     prompts = load_prompts(cfg.prompts, cfg.categories, cfg.limit)
-    if where.is_cuda and cfg.fast_path != "none":
+    if where.is_cuda and cfg.fast_path not in ("auto", "none", "lean"):
         raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
                         f"{where.device} (or --device cpu)")
     target, ttok = load_model(cfg.target, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code,

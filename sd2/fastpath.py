@@ -17,22 +17,31 @@ from sd2.errors import UserError
 
 
 
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x ↦ x·Wᵀ + b with fbgemm's fp16-packed weight (fp32 accumulation). The one place that calls the fbgemm
+    fp16 ops, which torch marks deprecated: replacing them means changing this function only."""
+    w = weight.detach().float().contiguous()
+    packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w)
+    out_features, in_features = w.shape
+    b = bias.detach().float() if bias is not None else torch.zeros(out_features)
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten.fbgemm_linear_fp16_weight(x.reshape(-1, in_features).float().contiguous(), packed, b)
+        return y.reshape(*shape[:-1], out_features).to(x.dtype)
+    return linear
+
+
 class PackedFP16Linear(nn.Module):
     """Inference-only replacement for nn.Linear backed by fbgemm's fp16-packed weight."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        w = lin.weight.detach().float().contiguous()
-        self.packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w)
-        bias = lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features)
-        self.register_buffer("bias", bias, persistent=False)
+        self._linear = packed_linear(lin.weight, lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten.fbgemm_linear_fp16_weight(x.reshape(-1, self.in_features).float().contiguous(),
-                                                     self.packed, self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return self._linear(x)
 
 
 def available() -> bool:

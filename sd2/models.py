@@ -14,14 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sd2.errors import UserError, writing
+from sd2.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +218,16 @@ def load_model(
 
 def save_model(model, tokenizer, out: Path, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Save as plain safetensors into a temp dir beside `out`, then rename: never a half-written model dir."""
+    from sd2.io import publish_dir
+
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    with writing(tmp, out):
+    with publish_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd2.errors import UserError
+from sd2.io import publish_dir
 from sd2.journal import journaled
 from sd2.tracking import _client, registered_model_name, tracking_uri
 
@@ -75,16 +76,18 @@ def export_drafter(ref: str, out: str | Path, overwrite: bool = False) -> Path:
             raise UserError(f"--run {ref}: no such MLflow run in {tracking_uri()}") from None
         run_id, source, local = ref, None, run.data.tags.get("sd2.model_dir")
     run = client.get_run(run_id)
-    tmp = out.with_name(f".{out.name}.export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if local and Path(local).is_dir():
-        shutil.copytree(local, tmp)
-    elif source:
-        shutil.copytree(mlflow.artifacts.download_artifacts(artifact_uri=source), tmp)
-    else:
+    if not (local and Path(local).is_dir()) and not source:
         raise UserError(f"--run {ref}: the run's model dir {local!r} is not on this machine and it is not registered")
-    for junk in ("training_args.bin",):
-        (tmp / junk).unlink(missing_ok=True)
+    with publish_dir(out) as tmp:
+        src = local if local and Path(local).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=source)
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        (tmp / "README.md").write_text(_model_card(run, run_id))
+    return out
+
+
+def _model_card(run, run_id: str) -> str:
+    """README of an exported drafter: its metrics and lineage, read from its MLflow run."""
     m = run.data.metrics
     lines = [f"# sd2 drafter `{run.data.tags.get('sd2.drafter', run_id)}`", "",
              f"Speculative-decoding drafter exported by sd2 from MLflow run `{run_id}` ({tracking_uri()}).", "",
@@ -96,8 +99,4 @@ def export_drafter(ref: str, out: str | Path, overwrite: bool = False) -> Path:
     lines += ["", "## Lineage", ""] + [f"- `{k}`: {v}" for k, v in sorted(run.data.params.items())]
     lines += ["", "## Use it", "", "See docs/deploy.md of sd2: HF `generate(assistant_model=...)`, vLLM "
               "`speculative_config={\"method\": \"draft_model\", ...}`, SGLang `--speculative-draft-model-path`."]
-    (tmp / "README.md").write_text("\n".join(lines) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return "\n".join(lines) + "\n"

@@ -51,6 +51,46 @@ def eos_ids(model, tokenizer=None) -> set[int]:
     return ids
 
 
+class _LeanCached:
+    """The same interface over sd2.lean (a preallocated KV cache and fused weights), for models prepared with
+    sd2.lean.attach."""
+
+    def __init__(self, model, capacity: int = 512):
+        self.model = model
+        self.session = model.sd2_lean.session(capacity)
+        self.ids: list[int] = []
+
+    def forward(self, ids: list[int], keep: int) -> torch.Tensor:
+        new = ids[len(self.ids):]
+        assert new and keep <= len(new), "forward() needs new tokens, at least `keep` of them"
+        out = self.session.forward(new, keep)
+        self.ids = list(ids)
+        return out
+
+    def rollback(self, n_valid: int) -> None:
+        n = min(n_valid, len(self.ids))
+        self.session.rollback(n)
+        del self.ids[n:]
+
+    def common_prefix(self, ids: list[int]) -> None:
+        _common_prefix(self, ids)
+
+
+def _common_prefix(cache, ids: list[int]) -> None:
+    """Invalidate everything after the longest common prefix of the cache and `ids`."""
+    n = 0
+    for a, b in zip(cache.ids, ids):
+        if a != b:
+            break
+        n += 1
+    cache.rollback(min(n, len(ids) - 1))
+
+
+def cached(model, capacity: int = 512):
+    """A KV-cached decoder for `model`: the lean engine when the model was prepared for it, else HF's modules."""
+    return _LeanCached(model, capacity) if getattr(model, "sd2_lean", None) is not None else _Cached(model)
+
+
 class _Cached:
     """A model plus its KV cache and the ids the cache holds; forward() feeds only what's new."""
 
@@ -83,13 +123,7 @@ class _Cached:
         del self.ids[len(self.ids) - drop:]
 
     def common_prefix(self, ids: list[int]) -> None:
-        """Invalidate everything after the longest common prefix of the cache and `ids`."""
-        n = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            n += 1
-        self.rollback(min(n, len(ids) - 1))
+        _common_prefix(self, ids)
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -99,8 +133,8 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 class _SameVocabProposer:
     """Drafter sharing the target's tokenizer: proposes ids directly, with its probabilities when sampling."""
 
-    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None):
-        self.d = _Cached(drafter)
+    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None, capacity: int = 512):
+        self.d = cached(drafter, capacity)
         self.eos, self.temperature, self.gen = eos, temperature, gen
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
@@ -131,8 +165,8 @@ class _CrossVocabProposer:
     """Drafter with another tokenizer (UAG): text is the common currency between the two vocabularies."""
 
     def __init__(self, drafter, target_tok, drafter_tok, drafter_prompt: list[int], prompt_len: int,
-                 target_eos: int | None, temperature: float, gen: torch.Generator | None):
-        self.d = _Cached(drafter)
+                 target_eos: int | None, temperature: float, gen: torch.Generator | None, capacity: int = 512):
+        self.d = cached(drafter, capacity)
         self.ttok, self.dtok = target_tok, drafter_tok
         self.dprompt, self.prompt_len = list(drafter_prompt), prompt_len
         self.deos = eos_ids(drafter, drafter_tok)
@@ -196,16 +230,17 @@ class SpecDecoder:
         gen = torch.Generator().manual_seed(seed) if self.temperature > 0 else None  # sampling runs on CPU copies
         synchronize(self.target.device)
         t0 = time.perf_counter()
-        target = _Cached(self.target)
+        capacity = len(prompt) + max_new_tokens + self.gamma + 2
+        target = cached(self.target, capacity)
         proposer = None
         if self.drafter is not None:
             if self.cross:
                 teos = self.ttok.eos_token_id if self.ttok.eos_token_id is not None else next(iter(self.eos), None)
-                proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok,
-                                               drafter_prompt if drafter_prompt is not None else [],
-                                               len(prompt), teos, self.temperature, gen)
+                dprompt = drafter_prompt if drafter_prompt is not None else []
+                proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok, dprompt, len(prompt), teos,
+                                               self.temperature, gen, capacity=2 * capacity + len(dprompt))
             else:
-                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen)
+                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen, capacity=capacity)
         ids = list(prompt)
         res = DecodeResult(tokens=[])
         while len(res.tokens) < max_new_tokens:

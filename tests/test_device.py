@@ -116,7 +116,7 @@ def test_every_stage_honours_bfloat16_on_cpu(tmp_path, tiny_model_dir, seed_file
     run("eval", "--target", tiny_model_dir, "--drafter", tmp_path / "pr", "--prompts", prompts,
         "--max-new-tokens", 10, "--out", tmp_path / "e.json", *bf)
     res = json.loads((tmp_path / "e.json").read_text())
-    assert res["lossless"] is True and res["numeric_path"] == "bf16"
+    assert res["lossless"] is True and res["numeric_path"] == "bf16, lean engine"  # auto keeps the dtype
 
 
 def test_two_distill_workers_make_the_single_worker_dataset(tmp_path, tiny_model_dir, seed_file):

@@ -1,0 +1,117 @@
+"""Numeric paths of the engine: the lean forward equals the HF module within tolerance; on every path greedy
+speculative decoding equals target-only decoding on the same path, and sampling keeps the target's
+distribution; a path the models or the machine cannot run is one clear error."""
+
+import copy
+
+import pytest
+import torch
+
+from sd2 import lean
+from sd2.errors import UserError
+from sd2.evaluate import apply_fast_path, numeric_path, resolve_fast_path
+from sd2.specdec import SpecDecoder
+from tests.conftest import make_llama, perturbed
+from tests.test_specdec import _exact_two_token_dist, _tv
+
+PATHS = ["none", "lean", "lean-fp16", "drafter-fp16", "fp16"]
+PROMPT = [5, 17, 42, 8, 29, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_forward_equals_the_module(dtype):
+    m = make_llama(300, layers=3, hidden=64, seed=3).to(dtype)
+    s = lean.LeanLM(m).session(capacity=8)  # grows past its capacity below
+    ids = list(range(5, 40))
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(s.forward(ids[:12], keep=12), m(torch.tensor([ids[:12]])).logits[0].float(),
+                               atol=atol, rtol=0)
+    torch.testing.assert_close(s.forward(ids[12:17], keep=5), m(torch.tensor([ids[:17]])).logits[0, 12:].float(),
+                               atol=atol, rtol=0)
+    s.rollback(14)  # verification rejected the last three: the cache forgets them
+    torch.testing.assert_close(s.forward(ids[14:30], keep=16), m(torch.tensor([ids[:30]])).logits[0, 14:].float(),
+                               atol=atol, rtol=0)
+
+
+def test_lean_fp16_close_to_fp32():
+    m = make_llama(300, layers=2, hidden=64, seed=4)
+    ref = m(torch.tensor([PROMPT])).logits[0].float()
+    got = lean.LeanLM(m, fp16_weights=True).session().forward(PROMPT, keep=len(PROMPT))
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_greedy_spec_equals_target_only_on_every_path(path, gamma):
+    t = make_llama(96, seed=2, eos=None, hidden=32)
+    d = perturbed(t, 0.5, seed=gamma)
+    t, d = apply_fast_path(resolve_fast_path(path, t, d), t, d)
+    base = SpecDecoder(t).generate(PROMPT, 40)
+    spec = SpecDecoder(t, d, gamma=gamma).generate(PROMPT, 40)
+    assert spec.tokens == base.tokens
+    assert spec.target_passes < len(spec.tokens)  # some drafts accepted: the check is not trivial
+
+
+def test_self_draft_on_the_lean_path_accepts_everything():
+    t = make_llama(96, seed=2, eos=None, hidden=32)
+    t, d = apply_fast_path("lean-fp16", t, t)
+    res = SpecDecoder(t, d, gamma=4).generate(PROMPT, 41)
+    assert res.mal == pytest.approx(41 / 9)  # 8 full steps of γ+1 = 5 tokens, then the last one
+
+
+@pytest.mark.parametrize("path", ["lean", "lean-fp16"])
+def test_sampling_follows_the_target_distribution_on_the_lean_path(path):
+    V, T, N = 6, 1.0, 2000
+    t = make_llama(V, seed=5, eos=None, hidden=16, std=0.6)
+    d = make_llama(V, seed=6, eos=None, hidden=16, std=0.6)
+    # the exact distribution of the path itself: the lean target's own next-token probabilities
+    tl = copy.deepcopy(t)
+    lean.attach(tl, fp16_weights=path == "lean-fp16")
+
+    def probs(prefix):
+        return torch.softmax(tl.sd2_lean.session().forward(prefix, keep=1)[-1] / T, -1)
+
+    exact = {}
+    p1 = probs([1, 2, 3])
+    for a in range(V):
+        p2 = probs([1, 2, 3, a])
+        for b in range(V):
+            exact[(a, b)] = float(p1[a] * p2[b])
+    drafter_dist = _exact_two_token_dist(d, [1, 2, 3], T)
+    apply_fast_path(path, t, d)
+    spec = SpecDecoder(t, d, gamma=3, temperature=T)
+    emp: dict = {}
+    for s in range(N):
+        toks = tuple(spec.generate([1, 2, 3], 2, seed=s).tokens)
+        emp[toks] = emp.get(toks, 0) + 1
+    assert 0.5 * sum(abs(drafter_dist[k] - exact[k]) for k in exact) > 0.2
+    assert _tv(emp, exact, N) < 0.07
+
+
+def test_auto_picks_the_fastest_path_the_models_allow():
+    t = make_llama(96, seed=2)
+    assert resolve_fast_path("auto", t, t) == "lean-fp16"
+    assert resolve_fast_path("auto", copy.deepcopy(t).to(torch.bfloat16), t) == "lean"  # an asked-for dtype keeps its numbers
+    assert numeric_path(t, "lean-fp16") == "fp16-packed weights, lean engine"
+    assert numeric_path(t, "none") == "fp32"
+
+
+def test_a_path_the_models_cannot_run_is_one_clear_error():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    q = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    t = make_llama(96, seed=2)
+    with pytest.raises(UserError, match=r"--fast-path lean: the drafter \(qwen2\).*use --fast-path fp16 or none"):
+        resolve_fast_path("lean", t, q)
+    assert resolve_fast_path("auto", t, q) == "fp16"  # auto never picks what cannot run
+
+
+def test_no_fbgemm_is_one_clear_error(monkeypatch):
+    from sd2 import fastpath
+
+    monkeypatch.setattr(fastpath, "available", lambda: False)  # a CPU/torch build without fbgemm
+    t = make_llama(96, seed=2)
+    assert resolve_fast_path("auto", t, t) == "lean"
+    with pytest.raises(UserError, match="fbgemm fp16 GEMM is not available.*use 'none'"):
+        apply_fast_path("fp16", t, copy.deepcopy(t))
