@@ -1,10 +1,17 @@
-"""Benchmark: target-only greedy vs HF assisted generation vs sd2's engine, same pair, same prompts, one process.
+"""Benchmark of the decoding engine, per numeric path, in one process (runs alternate; medians over repeats).
 
-Prints tokens/s (median over repeats), ratios, MAL of both speculative paths (they must agree) and the
-lossless check. Threads are pinned (default 1: on this 2-core machine two threads are slower under load).
+For each numeric path (`none` = HF modules fp32, `lean` = sd2's lean forward fp32, `lean-fp16` = lean forward
+with fbgemm fp16-packed weights, the CPU default) and each drafter (the untuned derived drafter, the self-draft
+= the target itself, any drafter dirs given), on the same Spec-Bench prompts:
+  - target ms/token: sd2's engine target-only vs HF `generate` greedy on the same model and numeric path
+    (for the lean paths the HF side runs the HF modules with the same weights: fp32, or fp16-packed);
+  - the cost model: v (verify γ+1 tokens ÷ one-token forward), drafter_time_ratio vs the MACs ratio c;
+  - MAL, predicted speedup MAL ÷ (γ·drafter_time_ratio + v), measured speedup (spec ÷ target-only tokens/s);
+  - sd2 speculative tokens/s vs HF assisted generation (γ fixed, same pair, same path);
+  - lossless: every speculative output equals target-only on the path.
 
-    .venv/bin/python bench/specdec.py                         # derived drafter (layers 0-9 + 29)
-    .venv/bin/python bench/specdec.py --drafter smollm2-135m-instruct   # drafter == target: MAL = γ+1
+    .venv/bin/python bench/specdec.py                                   # untuned + self-draft, 3 paths
+    .venv/bin/python bench/specdec.py --drafter DIR --paths lean-fp16   # a trained drafter on the default path
 """
 
 from __future__ import annotations
@@ -13,29 +20,34 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import GenerationConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sd2 import metrics
-from sd2.config import DEFAULT_TARGET
-from sd2.data import encode_prompt, load_prompts
-from sd2.fastpath import pack_fp16
-from sd2.models import load_model, save_model, sd2_home
-from sd2.prune.layers import keep_layers
-from sd2.specdec import DecodeResult, SpecDecoder, hf_assisted_generate
+import torch  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
+
+from sd2 import metrics  # noqa: E402
+from sd2.config import DEFAULT_TARGET  # noqa: E402
+from sd2.data import encode_prompt, load_prompts  # noqa: E402
+from sd2.evaluate import apply_fast_path, measure_costs  # noqa: E402
+from sd2.fastpath import pack_fp16  # noqa: E402
+from sd2.models import load_model, save_model, sd2_home  # noqa: E402
+from sd2.prune.layers import keep_layers  # noqa: E402
+from sd2.specdec import DecodeResult, SpecDecoder, hf_assisted_generate  # noqa: E402
 
 
 def derived_drafter(target: str) -> str:
-    d = sd2_home() / "drafters" / f"{target}-L0-9_29"
+    d = sd2_home() / "drafters" / f"{target}-L0-8_29"
     if not (d / "config.json").exists():
         m, tok = load_model(target)
-        save_model(keep_layers(m, list(range(10)) + [29]), tok, d, overwrite=True)
+        save_model(keep_layers(m, list(range(9)) + [29]), tok, d, overwrite=True)
     return str(d)
 
 
-def hf_target_only(model, ids, n) -> DecodeResult:
+def hf_greedy(model, ids, n) -> DecodeResult:
     t0 = time.perf_counter()
     inp = torch.tensor([ids])
     out = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=n)
@@ -43,80 +55,114 @@ def hf_target_only(model, ids, n) -> DecodeResult:
                         seconds=time.perf_counter() - t0)
 
 
+def _pin(model, tok):
+    """Generation config with no sampling and no max_length default, so HF's paths are comparable."""
+    model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
+                                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return model
+
+
+def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
+    """Every measurement of one numeric path."""
+    t = copy.deepcopy(target)
+    ds = {name: (t if d is target else copy.deepcopy(d)) for name, d in drafters.items()}
+    macs_t = metrics.macs_per_token(target)["macs_per_token"]
+    c = {name: metrics.macs_per_token(d)["macs_per_token"] / macs_t for name, d in drafters.items()}
+    # the HF side of the comparison: HF modules with the path's weights
+    hf_t = pack_fp16(copy.deepcopy(target)) if path in ("fp16", "lean-fp16") else copy.deepcopy(target)
+    hf_ds = {name: (hf_t if d is target else (pack_fp16(copy.deepcopy(d)) if path in ("fp16", "lean-fp16")
+                                              else copy.deepcopy(d))) for name, d in drafters.items()}
+    apply_fast_path(path, t, t)
+    for d in ds.values():
+        if d is not t:
+            apply_fast_path(path, t, d)
+    n = args.max_new_tokens
+    runs = {"hf_greedy": lambda ids: hf_greedy(hf_t, ids, n),
+            "sd2_target_only": lambda ids, s=SpecDecoder(t, target_tokenizer=tok): s.generate(ids, n)}
+    for name in drafters:
+        runs[f"sd2_spec[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok):
+                                     s.generate(ids, n))
+        runs[f"hf_assisted[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
+            hf_t, d, ids, gamma=args.gamma, max_new_tokens=n))
+    for fn in runs.values():  # warm-up
+        fn(prompts[0][:32])
+    tps: dict[str, list[float]] = {k: [] for k in runs}
+    last: dict[str, list[DecodeResult]] = {}
+    for r in range(args.repeats):
+        res: dict[str, list[DecodeResult]] = {k: [] for k in runs}
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate against drift
+        for ids in prompts:
+            for k in order:
+                res[k].append(runs[k](ids))
+        for k, rs in res.items():
+            tps[k].append(sum(len(x.tokens) for x in rs) / sum(x.seconds for x in rs))
+        last = res
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    ref = [x.tokens for x in last["sd2_target_only"]]
+    out = {"path": path, "target_ms_per_token_sd2": 1e3 / med["sd2_target_only"],
+           "target_ms_per_token_hf_greedy": 1e3 / med["hf_greedy"],
+           "sd2_target_only_vs_hf_greedy": med["sd2_target_only"] / med["hf_greedy"], "drafters": {}}
+    for name in drafters:
+        cost = measure_costs(t, ds[name], prompts[0], prompts[0], args.gamma, repeats=9)
+        mal = metrics.mal(last[f"sd2_spec[{name}]"])
+        spec = med[f"sd2_spec[{name}]"]
+        out["drafters"][name] = {
+            "mal": mal, "mal_hf_assisted": metrics.mal(last[f"hf_assisted[{name}]"]), "cost_ratio_macs": c[name],
+            "drafter_time_ratio": cost["drafter_time_ratio"], "verify_cost_ratio": cost["verify_cost_ratio"],
+            "time_over_macs": cost["drafter_time_ratio"] / c[name],
+            "theoretical_speedup": metrics.theoretical_speedup(mal, args.gamma, c[name]),
+            "predicted_speedup": metrics.predicted_speedup(mal, args.gamma, cost["drafter_time_ratio"],
+                                                           cost["verify_cost_ratio"]),
+            "measured_speedup": spec / med["sd2_target_only"],
+            "sd2_vs_hf_assisted": spec / med[f"hf_assisted[{name}]"],
+            "lossless": [x.tokens for x in last[f"sd2_spec[{name}]"]] == ref}
+    out["tokens_per_s_median"] = med
+    return out
+
+
+def table(report: dict) -> str:
+    lines = ["| path | drafter | v | target ms/token sd2 / HF | drafter time ratio (c) | MAL | predicted | measured "
+             "| sd2 ÷ HF assisted | lossless |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in report["paths"]:
+        for name, d in p["drafters"].items():
+            lines.append(f"| {p['path']} | {name} | {d['verify_cost_ratio']:.2f} | {p['target_ms_per_token_sd2']:.1f}"
+                         f" / {p['target_ms_per_token_hf_greedy']:.1f} | {d['drafter_time_ratio']:.3f} "
+                         f"({d['cost_ratio_macs']:.3f}) | {d['mal']:.2f} | {d['predicted_speedup']:.2f}× | "
+                         f"{d['measured_speedup']:.2f}× | {d['sd2_vs_hf_assisted']:.2f}× | {d['lossless']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=DEFAULT_TARGET)
-    ap.add_argument("--drafter", default=None, help="default: the target's layers 0-9 + 29")
+    ap.add_argument("--drafter", action="append", default=[], help="drafter dir (repeatable); default: untuned")
+    ap.add_argument("--no-self-draft", action="store_true", help="skip drafter = target")
+    ap.add_argument("--paths", default="none,lean,lean-fp16", help="comma-separated numeric paths")
     ap.add_argument("--limit", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     target, tok = load_model(args.target)
-    drafter_spec = args.drafter or derived_drafter(args.target)
-    drafter, _ = load_model(drafter_spec)
-    # Pin generation configs so HF's paths don't sample or stop on a max_length default.
-    for m in (target, drafter):
-        m.generation_config = GenerationConfig(eos_token_id=m.generation_config.eos_token_id,
-                                               pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    _pin(target, tok)
+    drafters = {}
+    for spec in args.drafter or [derived_drafter(args.target)]:
+        drafters[Path(spec).name if not args.drafter else spec] = _pin(load_model(spec)[0], tok)
+    if not args.no_self_draft:
+        drafters["self-draft"] = target
     prompts = [encode_prompt(tok, p.text) for p in load_prompts(None, limit=args.limit)]
-    ours_base = SpecDecoder(target, target_tokenizer=tok)
-    ours_spec = SpecDecoder(target, drafter, gamma=args.gamma, target_tokenizer=tok)
-    drafter16 = pack_fp16(copy.deepcopy(drafter))  # numerics of the drafter only: the target decides every token
-    ours_spec16 = SpecDecoder(target, drafter16, gamma=args.gamma, target_tokenizer=tok)
-    methods = {
-        "hf_target_only": lambda ids: hf_target_only(target, ids, args.max_new_tokens),
-        "sd2_target_only": lambda ids: ours_base.generate(ids, args.max_new_tokens),
-        "hf_assisted": lambda ids: hf_assisted_generate(target, drafter, ids, gamma=args.gamma,
-                                                        max_new_tokens=args.max_new_tokens),
-        "sd2_spec": lambda ids: ours_spec.generate(ids, args.max_new_tokens),
-        "hf_assisted_fp16_drafter": lambda ids: hf_assisted_generate(target, drafter16, ids, gamma=args.gamma,
-                                                                     max_new_tokens=args.max_new_tokens),
-        "sd2_spec_fp16_drafter": lambda ids: ours_spec16.generate(ids, args.max_new_tokens),
-    }
-    for fn in methods.values():  # warm-up
-        fn(prompts[0][:32])
-    tps: dict[str, list[float]] = {k: [] for k in methods}
-    last: dict[str, list[DecodeResult]] = {}
-    for r in range(args.repeats):
-        results: dict[str, list[DecodeResult]] = {k: [] for k in methods}
-        names = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate order against drift
-        for ids in prompts:
-            for k in names:
-                results[k].append(methods[k](ids))
-        for k, rs in results.items():
-            tps[k].append(sum(len(x.tokens) for x in rs) / sum(x.seconds for x in rs))
-        last = results
-    med = {k: statistics.median(v) for k, v in tps.items()}
-    ref = [x.tokens for x in last["sd2_target_only"]]
-    c = (metrics.macs_per_token(drafter)["macs_per_token"] / metrics.macs_per_token(target)["macs_per_token"])
-    mal_ours = metrics.mal(last["sd2_spec"])
-    theo = metrics.theoretical_speedup(mal_ours, args.gamma, c)
-    report = {
-        "target": args.target, "drafter": drafter_spec, "gamma": args.gamma, "threads": args.threads,
-        "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-        "tokens_per_s_median": med,
-        "mal_sd2": mal_ours, "mal_hf_assisted": metrics.mal(last["hf_assisted"]),
-        "mal_sd2_fp16_drafter": metrics.mal(last["sd2_spec_fp16_drafter"]),
-        "mal_hf_assisted_fp16_drafter": metrics.mal(last["hf_assisted_fp16_drafter"]),
-        "sd2_vs_hf_assisted": med["sd2_spec"] / med["hf_assisted"],
-        "sd2_fp16_drafter_vs_hf_assisted": med["sd2_spec_fp16_drafter"] / med["hf_assisted"],
-        "sd2_fp16_drafter_vs_hf_assisted_fp16_drafter": med["sd2_spec_fp16_drafter"] / med["hf_assisted_fp16_drafter"],
-        "measured_speedup_fp16_drafter": med["sd2_spec_fp16_drafter"] / med["sd2_target_only"],
-        "measured_speedup": med["sd2_spec"] / med["sd2_target_only"],
-        "cost_ratio": c, "theoretical_speedup": theo,
-        "measured_over_theoretical": (med["sd2_spec"] / med["sd2_target_only"]) / theo,
-        "lossless_sd2": [x.tokens for x in last["sd2_spec"]] == ref,
-        "lossless_sd2_fp16_drafter": [x.tokens for x in last["sd2_spec_fp16_drafter"]] == ref,
-        "lossless_hf_assisted": [x.tokens for x in last["hf_assisted"]] == ref,
-        "sd2_target_only_equals_hf_greedy": [x.tokens for x in last["hf_target_only"]] == ref,
-        "torch": torch.__version__, "numeric_path": "fp32 target (stock torch CPU GEMM); *_fp16_drafter: "
-                                                    "fbgemm fp16-packed drafter",
-    }
+    report = {"target": args.target, "gamma": args.gamma, "threads": args.threads, "prompts": len(prompts),
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "torch": torch.__version__,
+              "paths": [bench_path(p, target, drafters, tok, prompts, args) for p in args.paths.split(",")]}
     print(json.dumps(report, indent=2))
+    print()
+    print(table(report))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

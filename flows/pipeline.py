@@ -185,7 +185,8 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         def run(gamma: int, temperature: float = 0.0, **kw) -> Path:
             return Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, gamma,
                                   settings.max_new_tokens, settings.threads, temperature=temperature, nonce=nonce,
-                                  uag=settings.uag, device=settings.device, dtype=settings.dtype, **kw))
+                                  uag=settings.uag, device=settings.device, dtype=settings.dtype,
+                                  fast_path=settings.fast_path, **kw))
 
         out = run(settings.gamma, replay_gammas=replay, replay_limit=settings.replay_limit if replay else None)
         res = json.loads((out / "eval.json").read_text())
@@ -199,7 +200,8 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         if t and (not settings.sampling_drafters or d.name in settings.sampling_drafters):
             res["extra"][f"t{t:g}"] = _brief(run(settings.gamma, t))
         rid = tracking.log_drafter_run(parent_run_id, settings.target, d.name, {**d.params, "drafter_path": d.path,
-                                       "gamma": settings.gamma, "eval_limit": settings.limit},
+                                       "gamma": settings.gamma, "eval_limit": settings.limit,
+                                       "eval.numeric_path": res.get("numeric_path")},
                                        res, records, model_dir=d.path, dataset_dir=dataset)
         run_ids.append(rid)
         rows.append({"drafter": d.name, "kind": d.params.get("kind", ""), **{f"prune.{k}": v for k, v in
@@ -321,7 +323,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                 max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads, uag=uag,
                                 eval_gammas=cfg.eval_gammas, eval_gamma_mode="engine" if uag else cfg.eval_gamma_mode,
                                 replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
-                                sampling_drafters=cfg.sampling_drafters, **where)
+                                sampling_drafters=cfg.sampling_drafters, fast_path=cfg.fast_path, **where)
         rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
                                  register_champion=cfg.register_champion)
         _report_failed_cells(cells)  # every other drafter is evaluated and logged; then the run is not green

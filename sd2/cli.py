@@ -414,7 +414,6 @@ def sweep_cmd(
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
 ):
     """A sparsity sweep (prune → sparse fine-tune → evaluate) logged to MLflow as one parent run."""
-    from flows.pipeline import CellsFailed, prune_sweep
     from sd2.config import EvalSettings, SweepConfig, SweepGrid
 
     try:
@@ -427,7 +426,9 @@ def sweep_cmd(
                             threads=threads, device=device, dtype=dtype,
                             eval=EvalSettings.build(target=target, limit=eval_limit, gamma=gamma, threads=threads,
                                                     device=device, dtype=dtype))
-    _orchestration_env()  # after the checks: bad values never wait for a server
+    _orchestration_env()  # after the checks: bad values never wait for a server (nor import Prefect)
+    from flows.pipeline import CellsFailed, prune_sweep
+
     try:
         prune_sweep(cfg)
     except CellsFailed as exc:

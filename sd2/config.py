@@ -270,6 +270,8 @@ class PipelineConfig(_Base):
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
+    fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
+                                "fp16-packed weights on the CPU, the HF modules on a GPU; none = exact HF modules")
     lr: float = Field(2e-4, gt=0, le=1.0)
     register_champion: bool = True
     cell_deployment: str | None = Field(
@@ -309,6 +311,7 @@ class EvalSettings(_Base):
     device: Device = "auto"
     dtype: DType = "auto"
     uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
+    fast_path: FastPath = Field("auto", description="numeric path of evaluation (see `sd2 eval --fast-path`)")
     eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")

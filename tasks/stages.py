@@ -244,7 +244,7 @@ _EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
 def _eval_config(p: dict) -> dict:
     """The eval key's config: options at their defaults are left out, so adding one keeps older keys valid."""
     return {**{k: p[k] for k in ("limit", "gamma", "max_new_tokens", "threads", "temperature", "seed", "nonce",
-                                 "device", "dtype")},
+                                 "device", "dtype", "fast_path")},
             **{k: p[k] for k in _EVAL_OPTIONS if p[k]}}
 
 
@@ -252,7 +252,7 @@ def _eval_config(p: dict) -> dict:
 def eval_task(out: Path, target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
               threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "", uag: bool = False,
               replay_gammas: list[int] | None = None, replay_limit: int | None = None, device: str = "auto",
-              dtype: str = "auto") -> None:
+              dtype: str = "auto", fast_path: str = "auto") -> None:
     """One drafter evaluated against the target: a dir holding eval.json and records.csv. A `nonce` forces new
     timings."""
     from sd2.config import EvalConfig
@@ -262,7 +262,7 @@ def eval_task(out: Path, target: str, drafter: str, prompts: str | None, limit: 
     opts = {k: v for k, v in dict(uag=uag, replay_gammas=replay_gammas, replay_limit=replay_limit).items() if v}
     res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
                                   max_new_tokens=max_new_tokens, threads=threads, temperature=temperature, seed=seed,
-                                  device=device, dtype=dtype, **opts), progress=False)
+                                  device=device, dtype=dtype, fast_path=fast_path, **opts), progress=False)
     with publish_dir(out) as tmp:  # like every other stage output: no half-written dir, one clear disk error
         df.to_csv(tmp / "records.csv", index=False)
         write_json(res, tmp / "eval.json")

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect binds its console log handler to sys.stderr when first imported. Import it here, while stderr is
+# pytest's session-long stream: imported first inside a CliRunner call, it would keep that call's stream,
+# closed afterwards ("I/O operation on closed file" in every later flow).
+import prefect  # noqa: E402,F401
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 

@@ -18,6 +18,9 @@ import torch
 from sd2.models import load_model, save_model
 from sd2.train import last_complete_checkpoint
 from tests.conftest import make_llama
+import pytest
+
+pytestmark = pytest.mark.slow  # real servers / subprocesses / packaged models: `pytest -m "not slow"` skips
 
 SD2 = [sys.executable, "-m", "sd2.cli"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -91,7 +91,8 @@ def test_sampling_follows_the_target_distribution_on_the_lean_path(path):
 def test_auto_picks_the_fastest_path_the_models_allow():
     t = make_llama(96, seed=2)
     assert resolve_fast_path("auto", t, t) == "lean-fp16"
-    assert resolve_fast_path("auto", copy.deepcopy(t).to(torch.bfloat16), t) == "lean"  # an asked-for dtype keeps its numbers
+    # an asked-for dtype keeps its numbers
+    assert resolve_fast_path("auto", copy.deepcopy(t).to(torch.bfloat16), t) == "lean"
     assert numeric_path(t, "lean-fp16") == "fp16-packed weights, lean engine"
     assert numeric_path(t, "none") == "fp32"
 

@@ -11,6 +11,8 @@ from sd2.cli import app
 from sd2.data import encode_prompt, load_prompts
 from sd2.specdec import SpecDecoder
 
+pytestmark = pytest.mark.slow  # real servers / subprocesses / packaged models: `pytest -m "not slow"` skips
+
 ALIAS = "smollm2-135m-instruct"
 
 

@@ -22,6 +22,8 @@ from sd2.config import DistillConfig
 from sd2.distill import distill
 from sd2.errors import UserError
 
+pytestmark = pytest.mark.slow  # real servers / subprocesses / packaged models: `pytest -m "not slow"` skips
+
 BIN = Path(sys.executable).parent
 
 

@@ -13,6 +13,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+pytestmark = pytest.mark.slow  # real servers / subprocesses / packaged models: `pytest -m "not slow"` skips
+
 BIN = Path(sys.executable).parent
 
 

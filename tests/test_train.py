@@ -117,6 +117,7 @@ def test_masks_kept_in_process(sparse_init, data_dir, tmp_path):
     assert not torch.equal(m0.model.layers[0].mlp.up_proj.weight, m1.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_two_cpu_ranks_keeps_masks(sparse_init, data_dir, tmp_path):
     """The real DeepSpeed path: ZeRO-2 on 2 gloo CPU ranks, launched as a torchrun subprocess."""
     before = _zeros(sparse_init)
