@@ -115,6 +115,7 @@ def distill_cmd(
     concurrency: int = typer.Option(8, help="concurrent requests (openai)"),
     api: str = typer.Option("chat", help="chat | completions (openai)"),
     served_model: Optional[str] = typer.Option(None, help="model name on the server (default: --target)"),
+    fast_path: str = typer.Option("none", help="none | fp16 (CPU: fbgemm fp16-packed GEMMs, faster generation)"),
     workers: int = typer.Option(1, help="generation processes over disjoint shards (hf backend; on a GPU node "
                                 "--device cuda uses one per visible GPU)"),
     allow_pickle: bool = typer.Option(False),
@@ -131,6 +132,7 @@ def distill_cmd(
                               temperature=temperature, seed=seed, threads=threads, overwrite=overwrite,
                               backend=backend, base_urls=base_url, api_key_env=api_key_env, concurrency=concurrency,
                               api=api, served_model=served_model, workers=workers, device=device, dtype=dtype,
+                              fast_path=fast_path,
                               load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     path = distill(cfg)
     manifest = json.loads((path / "sd2_manifest.json").read_text())

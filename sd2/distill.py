@@ -84,6 +84,8 @@ def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
            "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
            "temperature": cfg.temperature, "seed": cfg.seed, "backend": cfg.backend}
+    if cfg.fast_path != "none":
+        key["fast_path"] = cfg.fast_path  # other numbers, other answers: never resume across paths
     if cfg.backend == "openai":
         key.update(served_model=cfg.served_model or cfg.target, api=cfg.api)
     return key
@@ -114,6 +116,10 @@ def _generator(cfg: DistillConfig, placement=None):
         return None, model_digest(cfg.target), {}
     model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle,
                             trust_remote_code=cfg.load.trust_remote_code, placement=placement)
+    if cfg.fast_path == "fp16":
+        from sd2.fastpath import pack_fp16
+
+        pack_fp16(model)
     if tok is None:
         raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
 
@@ -145,7 +151,11 @@ def _placement(cfg: DistillConfig):
         return None
     pinned = cfg.device.startswith("cuda:") or cfg.device == "cpu"
     workers = cfg.workers if cfg.workers > 1 or pinned else None
-    return devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
+    where = devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
+    if where.is_cuda and cfg.fast_path != "none":
+        raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
+                        f"{where.device}")
+    return where
 
 
 def _open_work(out: Path, key: dict) -> Path:

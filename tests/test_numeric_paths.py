@@ -116,3 +116,22 @@ def test_no_fbgemm_is_one_clear_error(monkeypatch):
     assert resolve_fast_path("auto", t, t) == "lean"
     with pytest.raises(UserError, match="fbgemm fp16 GEMM is not available.*use 'none'"):
         apply_fast_path("fp16", t, copy.deepcopy(t))
+
+
+def test_distillation_on_the_fp16_path(tmp_path, tiny_model_dir, seed_file):
+    """Batched generation with fp16-packed GEMMs: a dataset like any other, its path in the manifest, and a
+    resume with another path refused (other numbers, other answers)."""
+    import json
+
+    from sd2.config import DistillConfig
+    from sd2.distill import distill
+
+    common = dict(target=str(tiny_model_dir), prompts=str(seed_file), max_new_tokens=8, batch_size=4, device="cpu")
+    out = distill(DistillConfig(out=tmp_path / "d16", fast_path="fp16", **common), progress=False)
+    man = json.loads((out / "sd2_manifest.json").read_text())
+    assert man["fast_path"] == "fp16" and man["counts"]["kept"] > 0
+    (tmp_path / "x.partial").mkdir()
+    (tmp_path / "x.partial" / "run.json").write_text(json.dumps({**{k: man[k] for k in man if k in (
+        "target", "prompts")}, "fast_path": "fp16"}))
+    with pytest.raises(UserError, match="other arguments"):
+        distill(DistillConfig(out=tmp_path / "x", **common), progress=False)
