@@ -166,6 +166,9 @@ class DistillConfig(DevicePlacement):
     served_model: str | None = Field(None, description="model name on the server (default: --target)")
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(4, ge=0)
+    fast_path: Literal["none", "fp16"] = Field(
+        "none", description="CPU numeric path of in-process generation: fp16 = fbgemm fp16-packed GEMMs (faster; "
+        "the numbers of `sd2 eval`'s default lean-fp16 path)")
     workers: int = Field(1, ge=1, description="in-process generation workers over disjoint shards (hf backend); "
                          "on a GPU node one per visible GPU; the merged dataset equals one worker's")
     load: ModelLoadOptions = ModelLoadOptions()

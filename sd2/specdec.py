@@ -33,6 +33,14 @@ class DecodeResult:
     steps: list[Step] = field(default_factory=list)
     target_passes: int = 0
     seconds: float = 0.0
+    first_step_seconds: float = 0.0  # the first step: prefill of the prompt (+ its drafts), first token(s)
+    first_step_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first step (decoding speed without the prompt's prefill)."""
+        secs = self.seconds - self.first_step_seconds
+        return (len(self.tokens) - self.first_step_tokens) / secs if secs > 0 else 0.0
 
     @property
     def mal(self) -> float:
@@ -262,6 +270,9 @@ class SpecDecoder:
                 proposer.accepted(ids[:-1])
                 res.steps.append(Step(drafted=len(drafts), accepted=n_acc))
             res.tokens.extend(new)
+            if res.target_passes == 1:
+                synchronize(self.target.device)
+                res.first_step_seconds, res.first_step_tokens = time.perf_counter() - t0, len(new)
             if new[-1] in self.eos:
                 break
         synchronize(self.target.device)
