@@ -17,7 +17,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from sd2 import registry, tracking
-from sd2.config import EvalSettings, PipelineConfig, SweepConfig, SweepGrid  # noqa: F401 - SweepGrid re-exported
+from sd2.config import (  # noqa: F401 - SweepGrid re-exported
+    DistillSettings, EvalSettings, PipelineConfig, PruneSettings, SweepConfig, SweepGrid, TrainSettings,
+)
 from sd2.data import data_dir
 from sd2.report import plot_results
 from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
@@ -53,47 +55,44 @@ def _prefect_tags() -> dict:
 
 
 @flow(name="self-distill", log_prints=True)
-def self_distill(target: str, prompts: str, mode: str = "regenerate", limit: int = 64, max_new_tokens: int = 128,
-                 batch_size: int = 8, threads: int = 1, device: str = "auto", dtype: str = "auto") -> str:
+def self_distill(target: str, prompts: str, settings: DistillSettings = DistillSettings()) -> str:
     """The target answers the seed prompts itself; returns the dataset dir."""
-    return distill_task(target, prompts, mode, limit, max_new_tokens, batch_size, threads, device=device, dtype=dtype)
+    return distill_task(target, prompts, settings)
 
 
 @flow(name="train-drafter", log_prints=True)
-def train_drafter(init: str, data: str, max_steps: int = 100, batch_size: int = 8, seq_len: int = 256,
-                  lr: float = 2e-4, threads: int = 1, device: str = "auto", dtype: str = "auto") -> str:
+def train_drafter(init: str, data: str, settings: TrainSettings = TrainSettings()) -> str:
     """Fine-tune a drafter (dense or sparse: masks are kept) on distilled data; returns the model dir."""
-    return train_task(init, data, max_steps, batch_size, seq_len, lr, threads, device=device, dtype=dtype)
+    return train_task(init, data, settings)
 
 
-def _run_cell(model: str, data: str, method: str, pattern: str, sparsity: float, calib_samples: int, seq_len: int,
-              sparse_ft_steps: int, train_batch_size: int, lr: float, threads: int, device: str = "auto",
-              dtype: str = "auto") -> dict:
+def _run_cell(model: str, data: str, prune: PruneSettings, train: TrainSettings | None) -> dict:
     """prune → sparse fine-tune (masks kept): the body of a sweep cell, in-process or as a deployment run."""
-    pruned = prune_task(model, method, pattern, sparsity, data, calib_samples, seq_len, threads, device=device,
-                        dtype=dtype)
-    final = train_task(pruned, data, sparse_ft_steps, train_batch_size, seq_len, lr, threads, device=device,
-                       dtype=dtype) if sparse_ft_steps else pruned
-    return {"method": method, "pattern": pattern, "sparsity": sparsity, "pruned": pruned, "model": final}
+    pruned = prune_task(model, data, prune)
+    final = train_task(pruned, data, train) if train is not None else pruned
+    return {"method": prune.method, "pattern": prune.pattern, "sparsity": prune.sparsity, "pruned": pruned,
+            "model": final}
 
 
 @flow(name="sweep-cell", log_prints=True)
-def sweep_cell(model: str, data: str, method: str, pattern: str, sparsity: float, calib_samples: int = 16,
-               seq_len: int = 256, sparse_ft_steps: int = 30, train_batch_size: int = 8, lr: float = 2e-4,
-               threads: int = 1, device: str = "auto", dtype: str = "auto") -> dict:
+def sweep_cell(model: str, data: str, prune: PruneSettings, train: TrainSettings | None = None) -> dict:
     """One cell of a sweep, runnable on its own (a deployment lets remote workers take cells)."""
-    return _run_cell(model, data, method, pattern, sparsity, calib_samples, seq_len, sparse_ft_steps,
-                     train_batch_size, lr, threads, device, dtype)
+    return _run_cell(model, data, prune, train)
 
 
 @task(name="remote-cell", retries=1)
 def _remote_cell(deployment: str, params: dict) -> dict:
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters=params, timeout=None)
+    run = run_deployment(deployment, parameters=json.loads(json.dumps(params, default=_dump)), timeout=None)
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"cell {params['method']} {params['pattern']} {params['sparsity']} ended {run.state}")
+        p = params["prune"]
+        raise RuntimeError(f"cell {p.method} {p.pattern} {p.sparsity} ended {run.state}")
     return run.state.result()
+
+
+def _dump(obj):
+    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else str(obj)
 
 
 def _cell_name(c: dict) -> str:
@@ -135,11 +134,9 @@ def prune_sweep(config: SweepConfig, fail_on_failed_cells: bool = True) -> list[
     cells = config.sweep.cells()
     done = []
     remote = []
+    train = config.train_settings() if config.sparse_ft_steps else None
     for c in cells:
-        params = dict(model=config.drafter, data=config.data, method=c["method"], pattern=c["pattern"],
-                      sparsity=c["sparsity"], calib_samples=config.calib_samples, seq_len=config.seq_len,
-                      sparse_ft_steps=config.sparse_ft_steps, train_batch_size=config.train_batch_size, lr=config.lr,
-                      threads=config.threads, device=config.device, dtype=config.dtype)
+        params = dict(model=config.drafter, data=config.data, prune=config.prune_settings(c), train=train)
         if config.cell_deployment:  # cells run concurrently on the workers of a pool
             remote.append((c, _remote_cell.submit(config.cell_deployment, params)))
             continue
@@ -183,12 +180,11 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         settings.eval_gammas and settings.eval_gamma_mode == "replay" and not settings.uag) else None
     for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
         def run(gamma: int, temperature: float = 0.0, **kw) -> Path:
-            return Path(eval_task(settings.target, d.path, settings.prompts, settings.limit, gamma,
-                                  settings.max_new_tokens, settings.threads, temperature=temperature, nonce=nonce,
-                                  uag=settings.uag, device=settings.device, dtype=settings.dtype,
-                                  fast_path=settings.fast_path, **kw))
+            return Path(eval_task(settings.target, d.path, settings.prompts,
+                                  settings.options(gamma, temperature, **kw), nonce=nonce))
 
-        out = run(settings.gamma, replay_gammas=replay, replay_limit=settings.replay_limit if replay else None)
+        out = run(settings.gamma, **({"replay_gammas": replay, "replay_limit": settings.replay_limit}
+                                     if replay else {}))
         res = json.loads((out / "eval.json").read_text())
         records = pd.read_csv(out / "records.csv")
         res["extra"] = {}
@@ -288,12 +284,10 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                    params=json.loads(cfg.model_dump_json()))
     where = dict(device=cfg.device, dtype=cfg.dtype)
     try:
-        data = self_distill(cfg.target, seeds, cfg.distill_mode, cfg.distill_limit, cfg.distill_max_new_tokens,
-                            cfg.distill_batch_size, cfg.threads, **where)
+        data = self_distill(cfg.target, seeds, cfg.distill_settings())
         base_model = cfg.drafter_base or cfg.target
-        base = derive_task(base_model, cfg.drafter_layers, dtype=cfg.dtype)
-        dense = train_drafter(base, data, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
-                              **where)
+        base = derive_task(base_model, cfg.derive_settings())
+        dense = train_drafter(base, data, cfg.train_settings())
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
@@ -305,10 +299,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                                                            "train.steps": 0}),
                     DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"})]
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
-            ref = self_distill(cfg.target, seeds, "reference", cfg.distill_limit, cfg.distill_max_new_tokens,
-                               cfg.distill_batch_size, cfg.threads, **where)
-            sft = train_drafter(base, ref, cfg.train_steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
-                                **where)
+            ref = self_distill(cfg.target, seeds, cfg.distill_settings("reference"))
+            sft = train_drafter(base, ref, cfg.train_settings())
             drafters.append(DrafterSpec(name="dense-plain-sft", path=sft, params={
                 **common, "kind": "plain-sft", "distill.mode": "reference"}))
         for c in cells:
@@ -338,16 +330,14 @@ def _layer_baselines(cfg: PipelineConfig, cells: list[dict], dense: str, base_mo
                      common: dict) -> list[DrafterSpec]:
     """Layer-pruned drafters with the MACs of the chosen sparse cells, each given the budget its counterpart had."""
     out = []
-    where = dict(device=cfg.device, dtype=cfg.dtype)
     for ref_cell in _layer_match_cells(cells, cfg):
         if cfg.layer_baseline_from == "dense":  # same budget as a sparse cell: dense training + short FT
-            lp = layer_match_task(dense, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len, **where)
+            lp = layer_match_task(dense, ref_cell["pruned"], data, cfg.layer_match_settings())
             steps = cfg.sparse_ft_steps
         else:
-            lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.calib_samples, cfg.seq_len, **where)
+            lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.layer_match_settings())
             steps = cfg.train_steps
-        lp_ft = train_drafter(lp, data, steps, cfg.train_batch_size, cfg.seq_len, cfg.lr, cfg.threads,
-                              **where) if steps else lp
+        lp_ft = train_drafter(lp, data, cfg.train_settings(steps)) if steps else lp
         out.append(DrafterSpec(name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
             **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell),
             "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,

@@ -103,12 +103,9 @@ class DecodeConfig(_Base):
     seed: int = 0
 
 
-class EvalConfig(DecodeConfig, DevicePlacement):
-    """`sd2 eval`: one target, one drafter, a set of prompts."""
+class EvalOptions(DecodeConfig, DevicePlacement):
+    """How one drafter is evaluated (everything of `sd2 eval` but the models and the prompts file)."""
 
-    target: str = DEFAULT_TARGET
-    drafter: str
-    prompts: Path | None = Field(None, description="JSONL prompts file; default: Spec-Bench from the data dir")
     categories: list[str] | None = None
     limit: int | None = Field(None, ge=1)
     threads: int | None = Field(None, ge=1)
@@ -140,12 +137,17 @@ class EvalConfig(DecodeConfig, DevicePlacement):
         return v or None
 
 
-class DistillConfig(DevicePlacement):
-    """`sd2 distill`: the target answers (or rewrites, guided by the reference) each seed prompt."""
+class EvalConfig(EvalOptions):
+    """`sd2 eval`: one target, one drafter, a set of prompts."""
 
     target: str = DEFAULT_TARGET
-    prompts: str = Field(..., description="JSONL seed file or HF dataset id")
-    out: Path
+    drafter: str
+    prompts: Path | None = Field(None, description="JSONL prompts file; default: Spec-Bench from the data dir")
+
+
+class DistillSettings(DevicePlacement):
+    """How self-distillation runs (everything of `sd2 distill` but the target, the seeds and the output)."""
+
     mode: Literal["regenerate", "rewrite", "reference"] = Field(
         "regenerate", description="regenerate: the target answers; rewrite: the target rewrites the seed answer; "
         "reference: keep the seed answers (the plain-SFT baseline, no generation)")
@@ -156,7 +158,6 @@ class DistillConfig(DevicePlacement):
     temperature: float = Field(0.0, ge=0.0)
     seed: int = 0
     threads: int | None = Field(None, ge=1)
-    overwrite: bool = False
     backend: Literal["hf", "openai"] = Field("hf", description="hf: in-process generate; openai: any "
                                              "OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve)")
     base_urls: list[str] = Field(default_factory=list, description="server URLs (several = data-parallel servers)")
@@ -174,12 +175,18 @@ class DistillConfig(DevicePlacement):
     load: ModelLoadOptions = ModelLoadOptions()
 
 
-class TrainConfig(DevicePlacement):
-    """`sd2 train`: fine-tune a drafter on a distilled dataset; sparsity masks of the init model are kept."""
+class DistillConfig(DistillSettings):
+    """`sd2 distill`: the target answers (or rewrites, guided by the reference) each seed prompt."""
 
-    init: str
-    data: Path
+    target: str = DEFAULT_TARGET
+    prompts: str = Field(..., description="JSONL seed file or HF dataset id")
     out: Path
+    overwrite: bool = False
+
+
+class TrainSettings(DevicePlacement):
+    """How a drafter is fine-tuned (everything of `sd2 train` but the init model, the data and the output)."""
+
     max_steps: int = Field(200, ge=1)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
@@ -192,14 +199,47 @@ class TrainConfig(DevicePlacement):
     kd_target: str | None = Field(None, description="teacher for --loss kd (default: the data's target)")
     kd_divergence: Literal["fkl", "tv"] = "fkl"
     save_steps: int = Field(100, ge=1)
-    resume: bool = False
     deepspeed: Path | None = None
     num_gpus: int = Field(1, ge=1, description="processes to launch; >1 runs torchrun/deepspeed as a subprocess")
     cpu_fallback: bool = Field(False, description="if fewer GPUs exist than asked, train on CPU ranks instead")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
-    overwrite: bool = False
     load: ModelLoadOptions = ModelLoadOptions()
+
+
+class TrainConfig(TrainSettings):
+    """`sd2 train`: fine-tune a drafter on a distilled dataset; sparsity masks of the init model are kept."""
+
+    init: str
+    data: Path
+    out: Path
+    resume: bool = False
+    overwrite: bool = False
+
+
+class PruneSettings(DevicePlacement):
+    """One-shot pruning of a model's decoder linears (`sd2 prune` but the model, calibration data and output)."""
+
+    method: Method
+    pattern: Pattern = "unstructured"
+    sparsity: Sparsity | None = Field(None, description="implied by an N:M pattern")
+    calib_samples: int = Field(32, ge=1)
+    seq_len: int = Field(256, ge=8)
+    layer_filter: str = r"(self_attn|mlp)\.\w+_proj$"
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+
+
+class LayerPruneSettings(DevicePlacement):
+    """Dropping decoder layers (`sd2 layer-prune` but the model, the MACs reference, calibration and output)."""
+
+    keep_layers: LayerList | None = None
+    num_layers: int | None = Field(None, ge=1)
+    strategy: Literal["angular", "first"] = "angular"
+    calib_samples: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=8)
+    context: int = Field(256, ge=0)
+    seed: int = 0
 
 
 class SweepGrid(_Base):
@@ -299,6 +339,25 @@ class PipelineConfig(_Base):
                 vals[k] = v
         return PipelineConfig(**vals)
 
+    # The library settings of each stage, from the form's fields (call on a resolved config): the one place where
+    # pipeline names meet library names.
+    def distill_settings(self, mode: str | None = None) -> "DistillSettings":
+        return DistillSettings(mode=mode or self.distill_mode, limit=self.distill_limit,
+                               max_new_tokens=self.distill_max_new_tokens, batch_size=self.distill_batch_size,
+                               threads=self.threads, device=self.device, dtype=self.dtype)
+
+    def train_settings(self, steps: int | None = None) -> "TrainSettings":
+        steps = steps or self.train_steps
+        return TrainSettings(max_steps=steps, batch_size=self.train_batch_size, seq_len=self.seq_len, lr=self.lr,
+                             threads=self.threads, save_steps=steps, device=self.device, dtype=self.dtype)
+
+    def derive_settings(self) -> "LayerPruneSettings":
+        return LayerPruneSettings(keep_layers=self.drafter_layers, dtype=self.dtype)
+
+    def layer_match_settings(self) -> "LayerPruneSettings":
+        return LayerPruneSettings(calib_samples=self.calib_samples, seq_len=self.seq_len, device=self.device,
+                                  dtype=self.dtype)
+
 
 class EvalSettings(_Base):
     """How the drafters of a pipeline or sweep are evaluated (a sub-form of the Prefect UI)."""
@@ -322,6 +381,12 @@ class EvalSettings(_Base):
     sampling_temperature: float | None = Field(None, gt=0, description="one more run at this temperature")
     sampling_drafters: list[str] = Field(default_factory=list, description="drafter names for it; empty = all")
 
+    def options(self, gamma: int | None = None, temperature: float = 0.0, **more) -> EvalOptions:
+        """The library's evaluation options for one run of these settings."""
+        return EvalOptions(gamma=gamma or self.gamma, max_new_tokens=self.max_new_tokens, temperature=temperature,
+                           limit=self.limit, threads=self.threads, uag=self.uag, fast_path=self.fast_path,
+                           device=self.device, dtype=self.dtype, **more)
+
 
 class SweepConfig(_Base):
     """A sparsity sweep over a trained drafter: each cell is prune → sparse fine-tune (→ evaluated later)."""
@@ -343,3 +408,14 @@ class SweepConfig(_Base):
     dtype: DType = "auto"
     cell_deployment: str | None = None
     eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")
+
+    def prune_settings(self, cell: dict) -> PruneSettings:
+        return PruneSettings(method=cell["method"], pattern=cell["pattern"], sparsity=cell["sparsity"],
+                             calib_samples=self.calib_samples, seq_len=self.seq_len, threads=self.threads,
+                             device=self.device, dtype=self.dtype)
+
+    def train_settings(self) -> TrainSettings:
+        """Sparse fine-tuning of a cell (the masks of the pruned model are kept)."""
+        return TrainSettings(max_steps=max(self.sparse_ft_steps, 1), batch_size=self.train_batch_size,
+                             seq_len=self.seq_len, lr=self.lr, threads=self.threads,
+                             save_steps=max(self.sparse_ft_steps, 1), device=self.device, dtype=self.dtype)

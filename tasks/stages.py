@@ -14,8 +14,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import task
+from pydantic import BaseModel
 from prefect.concurrency.sync import concurrency
 
+from sd2.config import (
+    DistillConfig, DistillSettings, EvalConfig, EvalOptions, LayerPruneSettings, PruneSettings, TrainConfig,
+    TrainSettings,
+)
 from sd2.models import model_digest, sd2_home
 
 
@@ -62,6 +67,22 @@ def numeric_key(device: str = "auto", dtype: str = "auto") -> dict:
     return {} if (kind, where.dtype) == ("cpu", "float32") else {"numeric": f"{kind}-{where.dtype}"}
 
 
+def _key_config(config: dict) -> dict:
+    """A stage's config as it enters its key: settings objects as their fields; device and dtype as the resolved
+    numeric placement (nothing for the CPU's fp32, so older keys stay valid)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, BaseModel):
+            v = v.model_dump(mode="json")
+            where = numeric_key(v.pop("device", "auto"), v.pop("dtype", "auto"))
+            out[k] = {**v, **where}
+        else:
+            out[k] = v
+    if "device" in out or "dtype" in out:
+        out.update(numeric_key(out.pop("device", "auto"), out.pop("dtype", "auto")))
+    return out
+
+
 def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True, title: str | None = None):
     """Make `fn(out, **params)` a cached, locked, idempotent pipeline stage (a Prefect task).
 
@@ -83,10 +104,7 @@ def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True,
 
         def key_of(params: dict) -> str:
             config = key_config(params) if key_config else {k: v for k, v in params.items() if k not in inputs}
-            if "device" in config or "dtype" in config:
-                config = {k: v for k, v in config.items() if k not in ("device", "dtype")}
-                config.update(numeric_key(params.get("device", "auto"), params.get("dtype", "auto")))
-            return stage_key(name, config, {k: params.get(k) for k in inputs})
+            return stage_key(name, _key_config(config), {k: params.get(k) for k in inputs})
 
         @functools.wraps(fn)
         def run(*args, **kwargs) -> str:
@@ -178,91 +196,60 @@ _COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], retr
 
 
 @stage("distill", inputs=("target", "prompts"), title="self-distill")
-def distill_task(out: Path, target: str, prompts: str, mode: str, limit: int, max_new_tokens: int, batch_size: int,
-                 threads: int = 1, seed: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+def distill_task(out: Path, target: str, prompts: str, settings: DistillSettings) -> None:
     """Self-distilled dataset of the target's answers to the seed prompts."""
-    from sd2.config import DistillConfig
     from sd2.distill import distill
 
-    distill(DistillConfig(target=target, prompts=prompts, out=out, mode=mode, limit=limit,
-                          max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads, seed=seed,
-                          overwrite=True, device=device, dtype=dtype), progress=False)
+    distill(DistillConfig(target=target, prompts=prompts, out=out, overwrite=True, **settings.model_dump()),
+            progress=False)
 
 
 @stage("derive", inputs=("target",), gpu=False, title="derive-drafter")
-def derive_task(out: Path, target: str, keep_layers: str, dtype: str = "auto") -> None:
-    """A drafter derived from the target by keeping some of its layers."""
+def derive_task(out: Path, target: str, settings: LayerPruneSettings) -> None:
+    """A drafter derived from the target by keeping some of its layers (a copy of weights: on the CPU)."""
     from sd2.prune.layers import layer_prune_to_dir
 
-    layer_prune_to_dir(target, out, keep_layers=keep_layers, overwrite=True, device="cpu",
-                       dtype=_cpu_dtype(dtype))
+    layer_prune_to_dir(target, out, overwrite=True, **settings.model_dump(exclude={"device"}), device="cpu")
 
 
 @stage("train", inputs=("init", "data"), title="train-drafter")
-def train_task(out: Path, init: str, data: str, max_steps: int, batch_size: int, seq_len: int, lr: float,
-               threads: int = 1, seed: int = 0, device: str = "auto", dtype: str = "auto") -> None:
+def train_task(out: Path, init: str, data: str, settings: TrainSettings) -> None:
     """The drafter fine-tuned on distilled data (a sparse init keeps its masks)."""
-    from sd2.config import TrainConfig
     from sd2.train import train
 
-    train(TrainConfig(init=init, data=data, out=out, max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
-                      lr=lr, threads=threads, seed=seed, save_steps=max(max_steps, 1), overwrite=True, device=device,
-                      dtype=dtype), progress=False)
+    train(TrainConfig(init=init, data=data, out=out, overwrite=True, **settings.model_dump()), progress=False)
 
 
-@stage("prune", inputs=("model", "calib"))
-def prune_task(out: Path, model: str, method: str, pattern: str, sparsity: float, calib: str, calib_samples: int,
-               seq_len: int, threads: int = 1, device: str = "auto", dtype: str = "auto") -> None:
+@stage("prune", inputs=("model", "calib"), title="prune")
+def prune_task(out: Path, model: str, calib: str | None, settings: PruneSettings) -> None:
     """One sweep cell's one-shot pruning (N:M patterns imply their sparsity)."""
     from sd2.prune import prune_to_dir
 
-    prune_to_dir(model, method, out, sparsity=None if pattern != "unstructured" else sparsity, pattern=pattern,
-                 calib=calib, calib_samples=calib_samples, seq_len=seq_len, threads=threads, overwrite=True,
-                 progress=False, device=device, dtype=dtype)
+    opts = settings.model_dump(exclude={"method"})
+    if settings.pattern != "unstructured":
+        opts["sparsity"] = None
+    prune_to_dir(model, settings.method, out, calib=calib, overwrite=True, progress=False, **opts)
 
 
 @stage("layers", inputs=("model", "reference", "calib"), title="layer-prune-matched")
-def layer_match_task(out: Path, model: str, reference: str, calib: str, calib_samples: int, seq_len: int,
-                     strategy: str = "angular", device: str = "auto", dtype: str = "auto") -> None:
+def layer_match_task(out: Path, model: str, reference: str, calib: str, settings: LayerPruneSettings) -> None:
     """A layer-pruned drafter with the MACs of `reference` (the baseline a sparse cell is compared with)."""
     from sd2.prune.layers import layer_prune_to_dir
 
-    layer_prune_to_dir(model, out, match_macs=reference, strategy=strategy, calib=calib, calib_samples=calib_samples,
-                       seq_len=seq_len, overwrite=True, device=device, dtype=dtype)
+    layer_prune_to_dir(model, out, match_macs=reference, calib=calib, overwrite=True,
+                       **settings.model_dump(exclude={"keep_layers", "num_layers"}))
 
 
-def _cpu_dtype(dtype: str) -> str:
-    """Deriving a drafter is a copy of weights: it runs on the CPU, in the dtype the rest will use."""
-    from sd2.device import plan, visible_gpus
-
-    return plan("auto", dtype, visible_gpus()).dtype
-
-
-_EVAL_OPTIONS = ("uag", "replay_gammas", "replay_limit")
-
-
-def _eval_config(p: dict) -> dict:
-    """The eval key's config: options at their defaults are left out, so adding one keeps older keys valid."""
-    return {**{k: p[k] for k in ("limit", "gamma", "max_new_tokens", "threads", "temperature", "seed", "nonce",
-                                 "device", "dtype", "fast_path")},
-            **{k: p[k] for k in _EVAL_OPTIONS if p[k]}}
-
-
-@stage("eval", inputs=("target", "drafter", "prompts"), key_config=_eval_config, title="evaluate")
-def eval_task(out: Path, target: str, drafter: str, prompts: str | None, limit: int, gamma: int, max_new_tokens: int,
-              threads: int = 1, temperature: float = 0.0, seed: int = 0, nonce: str = "", uag: bool = False,
-              replay_gammas: list[int] | None = None, replay_limit: int | None = None, device: str = "auto",
-              dtype: str = "auto", fast_path: str = "auto") -> None:
+@stage("eval", inputs=("target", "drafter", "prompts"), title="evaluate")
+def eval_task(out: Path, target: str, drafter: str, prompts: str | None, options: EvalOptions,
+              nonce: str = "") -> None:
     """One drafter evaluated against the target: a dir holding eval.json and records.csv. A `nonce` forces new
     timings."""
-    from sd2.config import EvalConfig
     from sd2.evaluate import run_eval
     from sd2.io import publish_dir, write_json
 
-    opts = {k: v for k, v in dict(uag=uag, replay_gammas=replay_gammas, replay_limit=replay_limit).items() if v}
-    res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, limit=limit, gamma=gamma,
-                                  max_new_tokens=max_new_tokens, threads=threads, temperature=temperature, seed=seed,
-                                  device=device, dtype=dtype, fast_path=fast_path, **opts), progress=False)
+    res, df = run_eval(EvalConfig(target=target, drafter=drafter, prompts=prompts, **options.model_dump()),
+                       progress=False)
     with publish_dir(out) as tmp:  # like every other stage output: no half-written dir, one clear disk error
         df.to_csv(tmp / "records.csv", index=False)
         write_json(res, tmp / "eval.json")

@@ -108,8 +108,9 @@ def test_sigkill_during_training_then_resume(tmp_path, tok300):
 def test_two_sweeps_share_a_stage_without_corruption(tiny_model_dir, tmp_path):
     """Two processes ask for the same prune cell at once: one computes it, the other waits and reuses it."""
     code = (
-        "import sys, time; from tasks.stages import prune_task; t=time.time(); "
-        "p = prune_task.fn(sys.argv[1], 'magnitude', 'unstructured', 0.5, None, 4, 32); "
+        "import sys, time; from tasks.stages import prune_task; from sd2.config import PruneSettings; t=time.time(); "
+        "p = prune_task.fn(sys.argv[1], None, PruneSettings(method='magnitude', sparsity=0.5, calib_samples=4, "
+        "seq_len=32)); "
         "print(p, time.time()-t)"
     )
     env = dict(_env(), SD2_HOME=str(tmp_path / "home"))

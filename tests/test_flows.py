@@ -235,8 +235,9 @@ def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target
     import shutil
 
     from flows.pipeline import self_distill
+    from sd2.config import DistillSettings
 
-    args = (str(tiny_target), str(seed_file), "regenerate", 4, 6, 2, 1)
+    args = (str(tiny_target), str(seed_file), DistillSettings(limit=4, max_new_tokens=6, batch_size=2, threads=1))
     first = self_distill(*args)
     shutil.rmtree(first)
     since = datetime.datetime.now(datetime.timezone.utc)
