@@ -315,7 +315,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                 max_new_tokens=cfg.eval_max_new_tokens, threads=cfg.threads, uag=uag,
                                 eval_gammas=cfg.eval_gammas, eval_gamma_mode="engine" if uag else cfg.eval_gamma_mode,
                                 replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
-                                sampling_drafters=cfg.sampling_drafters, fast_path=cfg.fast_path, **where)
+                                sampling_drafters=cfg.sampling_drafters, fast_path=cfg.fast_path,
+                                draft_threshold=cfg.draft_threshold, **where)
         rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
                                  register_champion=cfg.register_champion)
         _report_failed_cells(cells)  # every other drafter is evaluated and logged; then the run is not green

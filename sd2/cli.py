@@ -70,6 +70,8 @@ def eval_cmd(
     replay_gammas: Optional[str] = typer.Option(
         None, help="e.g. 2,4,6: greedy MAL at these γ too, by exact replay (one drafter pass per prompt)"),
     replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
+    draft_threshold: Optional[float] = typer.Option(
+        None, help="dynamic draft length: stop drafting when the drafter's top-1 probability < this (0-1)"),
     device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
 ):
@@ -83,6 +85,7 @@ def eval_cmd(
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
                            replay_gammas=replay_gammas, replay_limit=replay_limit, device=device, dtype=dtype,
+                           draft_threshold=draft_threshold,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")

@@ -118,6 +118,9 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     replay_gammas: list[Gamma] | None = Field(
         None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
     replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")
+    draft_threshold: float | None = Field(
+        None, gt=0, lt=1, description="dynamic draft length: stop drafting when the drafter's top-1 probability is "
+        "below this (γ is then the maximum); lossless either way")
     load: ModelLoadOptions = ModelLoadOptions()
 
     @field_validator("categories", mode="before")
@@ -315,6 +318,8 @@ class PipelineConfig(_Base):
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
                                 "fp16-packed weights on the CPU, the HF modules on a GPU; none = exact HF modules")
+    draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length in evaluation: stop "
+                                          "drafting below this top-1 drafter probability (γ is the maximum)")
     lr: float = Field(2e-4, gt=0, le=1.0)
     register_champion: bool = True
     cell_deployment: str | None = Field(
@@ -374,6 +379,7 @@ class EvalSettings(_Base):
     dtype: DType = "auto"
     uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation (see `sd2 eval --fast-path`)")
+    draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length (see `sd2 eval`)")
     eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
@@ -385,7 +391,7 @@ class EvalSettings(_Base):
         """The library's evaluation options for one run of these settings."""
         return EvalOptions(gamma=gamma or self.gamma, max_new_tokens=self.max_new_tokens, temperature=temperature,
                            limit=self.limit, threads=self.threads, uag=self.uag, fast_path=self.fast_path,
-                           device=self.device, dtype=self.dtype, **more)
+                           draft_threshold=self.draft_threshold, device=self.device, dtype=self.dtype, **more)
 
 
 class SweepConfig(_Base):

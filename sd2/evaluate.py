@@ -35,8 +35,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, uag: bool = False,
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
                   fast_path: str = "auto", replay_gammas: list[int] | None = None,
-                  replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None
-                  ) -> tuple[dict, pd.DataFrame]:
+                  replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None,
+                  draft_threshold: float | None = None) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
     `fast_path` prepares both models for a numeric path in place (resolve_fast_path); MACs are counted before.
@@ -55,8 +55,10 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
     fast_path = resolve_fast_path(fast_path, target, drafter)
     target, drafter = apply_fast_path(fast_path, target, drafter)
+    if replay_gammas and draft_threshold is not None:
+        raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
-                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross)
+                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
@@ -81,6 +83,9 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         "per_category": {},
         "numeric_path": numeric_path(target, fast_path),
     }
+    if draft_threshold is not None:  # dynamic draft length: how many drafts a step made on average
+        out["draft_threshold"] = draft_threshold
+        out["mean_drafted"] = float(df["drafted"].sum() / max(df["target_passes"].sum(), 1))
     for cat, sub in df.groupby("category", sort=True):
         idx = list(sub.index)
         s = _summarize([base_res[i] for i in idx], [spec_res[i] for i in idx], sub, gamma)
@@ -340,7 +345,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                              uag=cfg.uag, context=cfg.context, progress=progress,
                              names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path,
-                             replay_gammas=cfg.replay_gammas,
+                             replay_gammas=cfg.replay_gammas, draft_threshold=cfg.draft_threshold,
                              replay_prompts=(load_prompts(cfg.prompts, cfg.categories, cfg.replay_limit)
                                              if cfg.replay_gammas and cfg.replay_limit else None),
                              replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]

@@ -138,12 +138,23 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
 
 
+def _unsure(scores: torch.Tensor, threshold: float | None, is_logits: bool = False) -> bool:
+    """Dynamic draft length: stop drafting when the drafter's top-1 probability is below the threshold. The rule
+    looks at the drafter only, so verification stays exact (greedy and sampling)."""
+    if threshold is None:
+        return False
+    p = torch.softmax(scores.float(), -1) if is_logits else scores
+    return float(p.max()) < threshold
+
+
 class _SameVocabProposer:
     """Drafter sharing the target's tokenizer: proposes ids directly, with its probabilities when sampling."""
 
-    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None, capacity: int = 512):
+    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None, capacity: int = 512,
+                 threshold: float | None = None):
         self.d = cached(drafter, capacity)
         self.eos, self.temperature, self.gen = eos, temperature, gen
+        self.threshold = threshold
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
         if len(self.d.ids) >= len(ids):
@@ -155,9 +166,13 @@ class _SameVocabProposer:
             logits = self.d.forward(seq, keep=1)[-1]
             if self.temperature > 0:
                 q = _probs(logits.cpu(), self.temperature)
+                if _unsure(q, self.threshold):
+                    break
                 tok = int(torch.multinomial(q, 1, generator=self.gen))
                 qs.append(q)
             else:
+                if _unsure(logits, self.threshold, is_logits=True):
+                    break
                 tok = int(logits.argmax())
             drafts.append(tok)
             seq.append(tok)
@@ -173,8 +188,10 @@ class _CrossVocabProposer:
     """Drafter with another tokenizer (UAG): text is the common currency between the two vocabularies."""
 
     def __init__(self, drafter, target_tok, drafter_tok, drafter_prompt: list[int], prompt_len: int,
-                 target_eos: int | None, temperature: float, gen: torch.Generator | None, capacity: int = 512):
+                 target_eos: int | None, temperature: float, gen: torch.Generator | None, capacity: int = 512,
+                 threshold: float | None = None):
         self.d = cached(drafter, capacity)
+        self.threshold = threshold
         self.ttok, self.dtok = target_tok, drafter_tok
         self.dprompt, self.prompt_len = list(drafter_prompt), prompt_len
         self.deos = eos_ids(drafter, drafter_tok)
@@ -194,8 +211,13 @@ class _CrossVocabProposer:
         for _ in range(n):
             logits = self.d.forward(seq, keep=1)[-1]
             if self.temperature > 0:
-                tok = int(torch.multinomial(_probs(logits.cpu(), self.temperature), 1, generator=self.gen))
+                q = _probs(logits.cpu(), self.temperature)
+                if _unsure(q, self.threshold):
+                    break
+                tok = int(torch.multinomial(q, 1, generator=self.gen))
             else:
+                if _unsure(logits, self.threshold, is_logits=True):
+                    break
                 tok = int(logits.argmax())
             if tok in self.deos:
                 ended = True
@@ -219,9 +241,13 @@ class SpecDecoder:
     """
 
     def __init__(self, target, drafter=None, *, gamma: int = 4, temperature: float = 0.0,
-                 target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False):
+                 target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False,
+                 draft_threshold: float | None = None):
         if gamma < 1:
             raise ValueError("gamma must be >= 1")
+        if draft_threshold is not None and not 0 < draft_threshold < 1:
+            raise ValueError("draft_threshold must be in (0, 1)")
+        self.draft_threshold = draft_threshold  # dynamic draft length: γ is the maximum
         if temperature < 0:
             raise ValueError("temperature must be >= 0")
         self.target, self.drafter = target, drafter
@@ -246,9 +272,11 @@ class SpecDecoder:
                 teos = self.ttok.eos_token_id if self.ttok.eos_token_id is not None else next(iter(self.eos), None)
                 dprompt = drafter_prompt if drafter_prompt is not None else []
                 proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok, dprompt, len(prompt), teos,
-                                               self.temperature, gen, capacity=2 * capacity + len(dprompt))
+                                               self.temperature, gen, capacity=2 * capacity + len(dprompt),
+                                               threshold=self.draft_threshold)
             else:
-                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen, capacity=capacity)
+                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen, capacity=capacity,
+                                              threshold=self.draft_threshold)
         ids = list(prompt)
         res = DecodeResult(tokens=[])
         while len(res.tokens) < max_new_tokens:

@@ -165,3 +165,13 @@ def test_unwritable_output_is_one_line(tiny):
     code, text = _run("layer-prune", "--model", tiny / "target", "--keep-layers", "0", "--out", "/sys/sd2-test/x")
     assert code == 2, text
     assert "/sys/sd2-test" in text and len(text.strip().splitlines()) == 1
+
+
+def test_eval_dynamic_draft_length(tiny, tmp_path):
+    out = tmp_path / "d.json"
+    code, text = _run(*_eval_args(tiny, out, "--draft-threshold", 0.6, "--limit", 2))
+    assert code == 0, text
+    res = json.loads(out.read_text())
+    assert res["lossless"] is True and res["draft_threshold"] == 0.6 and 0 <= res["mean_drafted"] <= 4
+    code, text = _run(*_eval_args(tiny, tmp_path / "e.json", "--draft-threshold", 1.5))
+    assert code == 2 and "draft-threshold" in text and not (tmp_path / "e.json").exists()

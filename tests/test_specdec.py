@@ -156,3 +156,47 @@ def test_sliding_window_target_beyond_its_window_stays_lossless():
     for gamma in (2, 4):
         res = SpecDecoder(t, d, gamma=gamma).generate(prompt, 24)
         assert res.tokens == hf and res.mal > 1.0
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])
+def test_dynamic_draft_length_is_lossless_and_counts_what_it_drafts(threshold):
+    """Stopping a draft when the drafter is unsure never changes greedy output; drafted counts are the drafts
+    actually proposed (fewer than γ when it stops), and a stricter threshold drafts less."""
+    t = make_llama(96, seed=2, eos=None, hidden=32)
+    d = perturbed(t, 0.5, seed=4)
+    base = SpecDecoder(t).generate(PROMPT, 40)
+    fixed = SpecDecoder(t, d, gamma=4).generate(PROMPT, 40)
+    dyn = SpecDecoder(t, d, gamma=4, draft_threshold=threshold).generate(PROMPT, 40)
+    assert dyn.tokens == base.tokens == fixed.tokens
+    assert all(0 <= s.drafted <= 4 and s.accepted <= s.drafted for s in dyn.steps)
+    assert len(dyn.steps) == dyn.target_passes
+    assert sum(len([1]) + s.accepted for s in dyn.steps) == len(dyn.tokens)  # each step: accepted + one target token
+    drafted = sum(s.drafted for s in dyn.steps)
+    assert drafted <= sum(s.drafted for s in fixed.steps)
+    if threshold == 0.9:
+        assert any(s.drafted < 4 for s in dyn.steps)
+
+
+THRESHOLD = 0.4  # between the drafter's top-1 probabilities after different first drafts
+
+
+def test_dynamic_draft_length_keeps_the_sampling_distribution():
+    V, T, N = 6, 1.0, 3000
+    t = make_llama(V, seed=5, eos=None, hidden=16, std=0.6)
+    d = make_llama(V, seed=6, eos=None, hidden=16, std=0.6)
+    exact = _exact_two_token_dist(t, [1, 2, 3], T)
+    spec = SpecDecoder(t, d, gamma=3, temperature=T, draft_threshold=THRESHOLD)
+    emp: dict = {}
+    stopped = 0
+    for s in range(N):
+        r = spec.generate([1, 2, 3], 3, seed=s)  # the first two tokens: the exact distribution above
+        stopped += r.steps[0].drafted < 2  # the 2nd draft depends on the sampled 1st: stops vary by run
+        emp[tuple(r.tokens[:2])] = emp.get(tuple(r.tokens[:2]), 0) + 1
+    assert 0 < stopped < N  # the threshold did stop some drafts and not others: the check is not trivial
+    assert _tv(emp, exact, N) < 0.06
+
+
+def test_draft_threshold_out_of_range():
+    t = make_llama(32, seed=1)
+    with pytest.raises(ValueError, match="draft_threshold"):
+        SpecDecoder(t, t, draft_threshold=1.5)
