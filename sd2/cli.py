@@ -7,12 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from sd2.config import DEFAULT_TARGET, FAST_PATHS, METHODS
 from sd2.errors import UserError, storage_error
+
+# --device / --dtype of every stage (sd2.device.plan decides what they mean)
+DeviceOption = Annotated[str, typer.Option(help="auto (first GPU, else CPU) | cpu | cuda | cuda:N")]
+DTypeOption = Annotated[str, typer.Option(help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Self-distilled sparse drafters for speculative decoding.")
@@ -72,8 +76,8 @@ def eval_cmd(
     replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
     draft_threshold: Optional[float] = typer.Option(
         None, help="dynamic draft length: stop drafting when the drafter's top-1 probability < this (0-1)"),
-    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """Speculative decoding of every prompt with the drafter, and target-only decoding, in one process."""
     from sd2.config import EvalConfig, ModelLoadOptions
@@ -123,8 +127,8 @@ def distill_cmd(
                                 "--device cuda uses one per visible GPU)"),
     allow_pickle: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
-    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """Self-data distillation: the target answers the seed prompts itself. Re-run the same command to resume."""
     from sd2.config import DistillConfig, ModelLoadOptions
@@ -167,8 +171,8 @@ def train_cmd(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
-    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """Fine-tune a drafter on distilled data (DeepSpeed ZeRO when configured); sparsity masks are kept exactly."""
     from sd2.config import TrainConfig
@@ -222,8 +226,8 @@ def prune_cmd(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
-    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """One-shot pruning of the decoder's linear layers; writes zeros in place (plain safetensors)."""
     from sd2.prune import prune_to_dir
@@ -250,8 +254,8 @@ def layer_prune_cmd(
     context: int = typer.Option(256, help="context length for --match-macs MACs"),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
-    device: str = typer.Option("auto", help="auto (first GPU, else CPU) | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto (bf16 on a GPU, fp32 on the CPU) | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """Drop decoder layers: an explicit list, or K layers chosen by strategy (optionally K matched on MACs)."""
     from sd2.prune.layers import layer_prune_to_dir
@@ -415,8 +419,8 @@ def sweep_cmd(
     eval_limit: int = typer.Option(8),
     gamma: int = typer.Option(4),
     threads: int = typer.Option(1),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = "auto",
 ):
     """A sparsity sweep (prune → sparse fine-tune → evaluate) logged to MLflow as one parent run."""
     from sd2.config import EvalSettings, SweepConfig, SweepGrid

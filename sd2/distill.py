@@ -21,6 +21,7 @@ from sd2.config import DistillConfig
 from sd2.data import Prompt, encode_prompt, file_digest, load_distilled, load_prompts  # noqa: F401 - re-export
 from sd2.errors import UserError
 from sd2.device import torch_threads
+from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, publish_dir, write_json
 from sd2.models import check_output_dir, load_model, model_digest
 
@@ -117,8 +118,6 @@ def _generator(cfg: DistillConfig, placement=None):
     model, tok = load_model(cfg.target, allow_pickle=cfg.load.allow_pickle,
                             trust_remote_code=cfg.load.trust_remote_code, placement=placement)
     if cfg.fast_path == "fp16":
-        from sd2.fastpath import pack_fp16
-
         pack_fp16(model)
     if tok is None:
         raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
@@ -152,9 +151,7 @@ def _placement(cfg: DistillConfig):
     pinned = cfg.device.startswith("cuda:") or cfg.device == "cpu"
     workers = cfg.workers if cfg.workers > 1 or pinned else None
     where = devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, cfg.load.allow_pickle), workers)
-    if where.is_cuda and cfg.fast_path != "none":
-        raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
-                        f"{where.device}")
+    require_cpu(cfg.fast_path, where.device)
     return where
 
 

@@ -19,12 +19,10 @@ from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.errors import UserError
 from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
-from sd2.fastpath import pack_fp16
+from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
 from sd2.specdec import DecodeResult, SpecDecoder, Step, eos_ids
-
-
 
 
 def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_token: float = 1.0) -> float:
@@ -209,9 +207,7 @@ def resolve_fast_path(fast_path: str, target, drafter) -> str:
             return "lean" if both_lean else "none"
         return ("lean-fp16" if fastpath.available() else "lean") if both_lean else (
             "fp16" if fastpath.available() else "none")
-    if fast_path not in ("none", "lean") and not on_cpu:
-        raise UserError(f"--fast-path {fast_path}: fbgemm packing is a CPU path; use --fast-path none or lean on "
-                        f"{next(target.parameters()).device}")
+    fastpath.require_cpu(fast_path, next(target.parameters()).device)
     if fast_path.startswith("lean"):
         for role, m in (("target", target), ("drafter", drafter)):
             if not lean.supports(m):
@@ -306,11 +302,10 @@ def measure_costs(target, drafter, drafter_prompt: list[int], prompt: list[int],
         times[key].append(time.perf_counter() - t0)
         cache.rollback(len(ids))
 
-    for _ in range(2):  # warm-up
-        timed(tc, ctx, 1, "t1"), timed(tc, ctx, gamma + 1, "tk"), timed(dc, dctx, 1, "d1")
-    times = {k: [] for k in times}
-    for r in range(repeats):
-        order = [("t1", tc, ctx, 1), ("tk", tc, ctx, gamma + 1), ("d1", dc, dctx, 1)]
+    order = [("t1", tc, ctx, 1), ("tk", tc, ctx, gamma + 1), ("d1", dc, dctx, 1)]
+    for r in range(2 + repeats):  # two warm-up rounds, then the measured ones
+        if r == 2:
+            times = {k: [] for k in times}
         for key, cache, ids, n in (order if r % 2 == 0 else order[::-1]):
             timed(cache, ids, n, key)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -332,9 +327,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
     opts = cfg.load
     where = devices.resolve(cfg.device, cfg.dtype, lambda: resolve_spec(cfg.target, opts.allow_pickle))
     prompts = load_prompts(cfg.prompts, cfg.categories, cfg.limit)
-    if where.is_cuda and cfg.fast_path not in ("auto", "none", "lean"):
-        raise UserError(f"--fast-path {cfg.fast_path}: fbgemm packing is a CPU path; use --fast-path none on "
-                        f"{where.device} (or --device cpu)")
+    require_cpu(cfg.fast_path, where.device)  # before loading anything
     target, ttok = load_model(cfg.target, allow_pickle=opts.allow_pickle, trust_remote_code=opts.trust_remote_code,
                               placement=where)
     # the drafter sits beside the target's first layers (a spread target keeps its embedding there)

@@ -15,6 +15,14 @@ from torch import nn
 from sd2.config import FAST_PATHS as PATHS  # noqa: F401 - one list of numeric paths
 from sd2.errors import UserError
 
+PACKED = ("fp16", "drafter-fp16", "lean-fp16")  # the paths that use fbgemm's packed GEMMs (CPU only)
+
+
+def require_cpu(fast_path: str, device) -> None:
+    """fbgemm packing runs on the CPU only: the one check (and message) for every stage that picks a path."""
+    if fast_path in PACKED and torch.device(device).type != "cpu":
+        raise UserError(f"--fast-path {fast_path}: fbgemm packing is a CPU path; use --fast-path none (or lean) on "
+                        f"{device}, or --device cpu")
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -55,8 +63,7 @@ def available() -> bool:
 
 def pack_fp16(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear (lm_head included) in place; count MACs *before* calling this."""
-    if next(model.parameters()).device.type != "cpu":
-        raise UserError("--fast-path: fp16 packing is a CPU path; use 'none' on GPU")
+    require_cpu("fp16", next(model.parameters()).device)
     if not available():
         raise UserError("--fast-path: fbgemm fp16 GEMM is not available in this torch build/CPU; use 'none'")
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]

@@ -1,13 +1,14 @@
-"""A lean decode-time forward for Llama-family models (SmolLM2, Llama, Qwen2-style without biases…).
+"""A lean decode-time forward for Llama-architecture models (SmolLM2, Llama; no biases).
 
-Why: at batch 1 on a CPU, a 135M model's decode step is dominated by per-module overhead, not by GEMMs, and a
-forward over γ+1 new tokens (verification) costs about twice a one-token step on the stock path. This forward
-runs the model's own weights with:
+Why: at batch 1 on a CPU, HF's module forward adds per-module overhead to every decode step, and the stock fp32
+GEMMs make a forward over γ+1 new tokens (verification) cost about 2.5× a one-token step. This forward runs the
+model's own weights with:
   - fused projections (q|k|v in one GEMM, gate|up in one GEMM): 4 GEMMs a layer instead of 7;
   - a preallocated KV cache (a tensor per layer, written in place; rolling back is moving a length);
   - rotary tables computed once for all positions;
   - no masks for a single new token, one small causal mask for several;
-  - optionally fbgemm's fp16-packed GEMMs (sd2.fastpath), whose cost barely grows from 1 to 9 tokens.
+  - optionally fbgemm's fp16-packed GEMMs (sd2.fastpath): ~3.5× faster per token than fp32 here, and 5 tokens
+    cost ~1.5× one (compute-bound at 5 tokens on one AVX2 core; measurements in bench/specdec.py).
 It computes what the HF module computes (same op order inside each op; tested against it within tolerance), but
 not bit for bit, so it is its own numeric path: speculative and target-only decoding both run it, and lossless
 is judged within it.
@@ -51,8 +52,6 @@ class LeanLM:
             raise UserError(f"lean engine: {getattr(model.config, 'model_type', '?')} models are not supported; "
                             "use --fast-path none (the HF modules)")
         cfg = model.config
-        self.model = model
-        self.fp16_weights = fp16_weights
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.n_heads = cfg.num_attention_heads

@@ -37,12 +37,6 @@ class DecodeResult:
     first_step_tokens: int = 0
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second after the first step (decoding speed without the prompt's prefill)."""
-        secs = self.seconds - self.first_step_seconds
-        return (len(self.tokens) - self.first_step_tokens) / secs if secs > 0 else 0.0
-
-    @property
     def mal(self) -> float:
         return len(self.tokens) / self.target_passes if self.target_passes else 0.0
 
@@ -138,13 +132,19 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def _unsure(scores: torch.Tensor, threshold: float | None, is_logits: bool = False) -> bool:
-    """Dynamic draft length: stop drafting when the drafter's top-1 probability is below the threshold. The rule
-    looks at the drafter only, so verification stays exact (greedy and sampling)."""
-    if threshold is None:
-        return False
-    p = torch.softmax(scores.float(), -1) if is_logits else scores
-    return float(p.max()) < threshold
+def _draft_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None,
+                 threshold: float | None) -> tuple[int | None, torch.Tensor | None]:
+    """The drafter's next token (argmax, or a sample from q at `temperature`) and q when sampling; None when the
+    drafter is unsure — dynamic draft length: its top-1 probability is below `threshold`. The rule looks at the
+    drafter only, so verification stays exact (greedy and sampling)."""
+    q = _probs(logits.cpu(), temperature) if temperature > 0 else None
+    if threshold is not None:
+        p = q if q is not None else torch.softmax(logits.float(), -1)
+        if float(p.max()) < threshold:
+            return None, q
+    if q is not None:
+        return int(torch.multinomial(q, 1, generator=gen)), q
+    return int(logits.argmax()), None
 
 
 class _SameVocabProposer:
@@ -163,17 +163,11 @@ class _SameVocabProposer:
         qs: list[torch.Tensor] = []
         seq = list(ids)
         for _ in range(n):
-            logits = self.d.forward(seq, keep=1)[-1]
-            if self.temperature > 0:
-                q = _probs(logits.cpu(), self.temperature)
-                if _unsure(q, self.threshold):
-                    break
-                tok = int(torch.multinomial(q, 1, generator=self.gen))
+            tok, q = _draft_token(self.d.forward(seq, keep=1)[-1], self.temperature, self.gen, self.threshold)
+            if tok is None:
+                break
+            if q is not None:
                 qs.append(q)
-            else:
-                if _unsure(logits, self.threshold, is_logits=True):
-                    break
-                tok = int(logits.argmax())
             drafts.append(tok)
             seq.append(tok)
             if tok in self.eos:
@@ -209,16 +203,9 @@ class _CrossVocabProposer:
         drafts: list[int] = []
         ended = False
         for _ in range(n):
-            logits = self.d.forward(seq, keep=1)[-1]
-            if self.temperature > 0:
-                q = _probs(logits.cpu(), self.temperature)
-                if _unsure(q, self.threshold):
-                    break
-                tok = int(torch.multinomial(q, 1, generator=self.gen))
-            else:
-                if _unsure(logits, self.threshold, is_logits=True):
-                    break
-                tok = int(logits.argmax())
+            tok, _ = _draft_token(self.d.forward(seq, keep=1)[-1], self.temperature, self.gen, self.threshold)
+            if tok is None:
+                break
             if tok in self.deos:
                 ended = True
                 break

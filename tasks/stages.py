@@ -14,8 +14,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import task
-from pydantic import BaseModel
 from prefect.concurrency.sync import concurrency
+from pydantic import BaseModel
 
 from sd2.config import (
     DistillConfig, DistillSettings, EvalConfig, EvalOptions, LayerPruneSettings, PruneSettings, TrainConfig,
@@ -58,8 +58,8 @@ def _generation_key(out: Path) -> str:
 
 
 def numeric_key(device: str = "auto", dtype: str = "auto") -> dict:
-    """What a placement adds to a stage's key: nothing for the CPU's fp32 (older keys stay valid), else the
-    resolved device type and dtype (a bf16 GPU run is another result than a CPU fp32 one)."""
+    """What a placement adds to a stage's key: nothing for the CPU's fp32, else the resolved device type and
+    dtype (a bf16 GPU run is another result than a CPU fp32 one; `auto` is resolved, so it keys what ran)."""
     from sd2.device import plan, visible_gpus
 
     where = plan(device, dtype, visible_gpus())
@@ -68,26 +68,22 @@ def numeric_key(device: str = "auto", dtype: str = "auto") -> dict:
 
 
 def _key_config(config: dict) -> dict:
-    """A stage's config as it enters its key: settings objects as their fields; device and dtype as the resolved
-    numeric placement (nothing for the CPU's fp32, so older keys stay valid)."""
+    """A stage's config as it enters its key: settings objects as their fields, with device and dtype replaced by
+    the resolved numeric placement (numeric_key)."""
     out = {}
     for k, v in config.items():
         if isinstance(v, BaseModel):
             v = v.model_dump(mode="json")
-            where = numeric_key(v.pop("device", "auto"), v.pop("dtype", "auto"))
-            out[k] = {**v, **where}
-        else:
-            out[k] = v
-    if "device" in out or "dtype" in out:
-        out.update(numeric_key(out.pop("device", "auto"), out.pop("dtype", "auto")))
+            v.update(numeric_key(v.pop("device", "auto"), v.pop("dtype", "auto")))
+        out[k] = v
     return out
 
 
-def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True, title: str | None = None):
+def stage(name: str, inputs: tuple[str, ...], gpu: bool = True, title: str | None = None):
     """Make `fn(out, **params)` a cached, locked, idempotent pipeline stage (a Prefect task).
 
     The key (one source of truth) hashes the stage name, its config — every parameter that is not an input
-    path, defaults included, or `key_config(params)` — and the content digests of its inputs; the output dir is
+    path, defaults included — and the content digests of its inputs; the output dir is
     SD2_HOME/artifacts/<name>/<key>. The task computes the dir at most once (a file lock serialises sweeps that
     share it; a finished dir is reused), holding a `gpu` slot while it works. Prefect's cache key is the content
     key plus the dir's generation, so a record that outlived its output (deleted by hand, disk cleaned) is never
@@ -103,7 +99,7 @@ def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True,
             return dict(b.arguments)
 
         def key_of(params: dict) -> str:
-            config = key_config(params) if key_config else {k: v for k, v in params.items() if k not in inputs}
+            config = {k: v for k, v in params.items() if k not in inputs}
             return stage_key(name, _key_config(config), {k: params.get(k) for k in inputs})
 
         @functools.wraps(fn)
@@ -117,7 +113,6 @@ def stage(name: str, inputs: tuple[str, ...], key_config=None, gpu: bool = True,
             return str(out)
 
         run.__signature__ = sig
-        run.key_of = lambda *a, **kw: key_of(bound(a, kw))
 
         def cache_key(ctx, params) -> str:
             key = key_of(bound((), params))

@@ -62,10 +62,10 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
     layers = decoder_layers(model)
     if method == "magnitude":
         for lin in tqdm(matched_linears(model, layer_filter).values(), desc="prune magnitude", disable=not progress):
-            home = lin.weight.device
-            w = lin.weight.data.to(device or home)
+            w = lin.weight.data if device is None else lin.weight.data.to(device)
             prune_magnitude(w, sparsity, nm)
-            lin.weight.data.copy_(w.to(home))
+            if w is not lin.weight.data:
+                lin.weight.data.copy_(w.to(lin.weight.device))
         return {"method": method, "seconds": time.perf_counter() - t0}
     if not samples:
         raise UserError(f"--calib: {method} needs calibration samples")
