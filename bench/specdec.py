@@ -101,6 +101,12 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
                                      s.generate(ids, n))
         runs[f"hf_assisted[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
             hf_t, d, ids, gamma=args.gamma, max_new_tokens=n))
+        if args.draft_threshold and ds[name] is not t:  # dynamic draft length: sd2's rule vs HF's own
+            runs[f"sd2_dyn[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok,
+                                                                  draft_threshold=args.draft_threshold):
+                                        s.generate(ids, n))
+            runs[f"hf_dyn[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
+                hf_t, d, ids, gamma=args.gamma, max_new_tokens=n, confidence_threshold=args.draft_threshold))
     for fn in runs.values():  # warm-up
         fn(prompts[0][:32])
     tps: dict[str, list[float]] = {k: [] for k in runs}
@@ -141,6 +147,14 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
             "measured_decode_speedup": dmed[f"sd2_spec[{name}]"] / dmed["sd2_target_only"],
             "sd2_vs_hf_assisted": spec / med[f"hf_assisted[{name}]"],
             "lossless": [x.tokens for x in last[f"sd2_spec[{name}]"]] == ref}
+        if f"sd2_dyn[{name}]" in med:
+            out["drafters"][name]["dynamic"] = {
+                "threshold": args.draft_threshold, "mal_sd2": metrics.mal(last[f"sd2_dyn[{name}]"]),
+                "mal_hf": metrics.mal(last[f"hf_dyn[{name}]"]),
+                "speedup_sd2": med[f"sd2_dyn[{name}]"] / med["sd2_target_only"],
+                "speedup_hf_vs_hf_greedy": med[f"hf_dyn[{name}]"] / med["hf_greedy"],
+                "sd2_vs_hf": med[f"sd2_dyn[{name}]"] / med[f"hf_dyn[{name}]"],
+                "lossless": [x.tokens for x in last[f"sd2_dyn[{name}]"]] == ref}
     out["tokens_per_s_median"] = med
     return out
 
@@ -157,6 +171,14 @@ def table(report: dict) -> str:
                          f"({d['cost_ratio_macs']:.3f}) | {d['mal']:.2f} | {d['predicted_speedup']:.2f}× | "
                          f"{d['measured_speedup']:.2f}× ({d['measured_decode_speedup']:.2f}×) | "
                          f"{d['sd2_vs_hf_assisted']:.2f}× | {d['lossless']} |")
+    dyn = [(p["path"], name, d["dynamic"]) for p in report["paths"] for name, d in p["drafters"].items()
+           if "dynamic" in d]
+    if dyn:
+        lines += ["", "| path | drafter | threshold | MAL sd2 / HF | sd2 speedup vs sd2 target-only | "
+                  "HF dynamic vs HF greedy | sd2 ÷ HF (dynamic) | lossless |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {path} | {name} | {x['threshold']} | {x['mal_sd2']:.2f} / {x['mal_hf']:.2f} | "
+                  f"{x['speedup_sd2']:.2f}× | {x['speedup_hf_vs_hf_greedy']:.2f}× | {x['sd2_vs_hf']:.2f}× | "
+                  f"{x['lossless']} |" for path, name, x in dyn]
     return "\n".join(lines)
 
 
@@ -171,6 +193,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--draft-threshold", type=float, default=None,
+                    help="also dynamic draft length at this top-1 probability: sd2's rule vs HF assisted "
+                    "generation's assistant_confidence_threshold (same pair, same path)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -292,15 +292,19 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
-                            fail_on_failed_cells=False)
+                            fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
+        common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
+                       "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
+                       "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds})
         drafters = [DrafterSpec(name="derived-untuned", path=base, params={**common, "kind": "untuned",
-                                                                           "train.steps": 0}),
-                    DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"})]
+                                                                           "train.steps": 0})]
+        drafters = drafters if cfg.untuned_baseline else []
+        drafters.append(DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"}))
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
             ref = self_distill(cfg.target, seeds, cfg.distill_settings("reference"))
-            sft = train_drafter(base, ref, cfg.train_settings())
+            sft = train_drafter(base, ref, cfg.train_settings(loss="sft"))
             drafters.append(DrafterSpec(name="dense-plain-sft", path=sft, params={
                 **common, "kind": "plain-sft", "distill.mode": "reference"}))
         for c in cells:
@@ -308,7 +312,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                 drafters.append(DrafterSpec(name=_cell_name(c), path=c["model"], params={
                     **common, "kind": "sparse", "prune": {k: c[k] for k in ("method", "pattern", "sparsity")},
                     "sparse_ft.steps": cfg.sparse_ft_steps}))
-        if cfg.layer_baseline:
+        if cfg.layer_baseline and cells:
             drafters += _layer_baselines(cfg, cells, dense, base_model, data, common)
         uag = base_model != cfg.target and not _same_tokenizer(base_model, cfg.target)
         settings = EvalSettings(target=cfg.target, prompts=cfg.eval_prompts, limit=cfg.eval_limit, gamma=cfg.gamma,

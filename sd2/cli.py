@@ -125,6 +125,8 @@ def distill_cmd(
     fast_path: str = typer.Option("none", help="none | fp16 (CPU: fbgemm fp16-packed GEMMs, faster generation)"),
     workers: int = typer.Option(1, help="generation processes over disjoint shards (hf backend; on a GPU node "
                                 "--device cuda uses one per visible GPU)"),
+    store_topk: int = typer.Option(0, help="keep the target's top-k logits per generated token for KD (0 = off)"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="skip seeds with longer (chat-templated) prompts"),
     allow_pickle: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
     device: DeviceOption = "auto",
@@ -139,7 +141,8 @@ def distill_cmd(
                               temperature=temperature, seed=seed, threads=threads, overwrite=overwrite,
                               backend=backend, base_urls=base_url, api_key_env=api_key_env, concurrency=concurrency,
                               api=api, served_model=served_model, workers=workers, device=device, dtype=dtype,
-                              fast_path=fast_path,
+                              fast_path=fast_path, store_topk=store_topk,
+                              max_prompt_tokens=max_prompt_tokens,
                               load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     path = distill(cfg)
     manifest = json.loads((path / "sd2_manifest.json").read_text())
@@ -163,6 +166,10 @@ def train_cmd(
     loss: str = typer.Option("sft", help="sft | kd (distill the target's logits)"),
     kd_target: Optional[str] = typer.Option(None, help="teacher for --loss kd (default: the data's target)"),
     kd_divergence: str = typer.Option("fkl", help="fkl | tv"),
+    kd_teacher: str = typer.Option("auto", help="auto | stored (top-k logits kept by distill --store-topk) | live"),
+    draft_vocab: int = typer.Option(0, help="compact head over the K most frequent tokens of the data (0 = full)"),
+    freeze_embeddings: bool = typer.Option(False, help="keep the input embeddings fixed"),
+    curve_dir: Optional[Path] = typer.Option(None, help="also write the drafter at every save step here"),
     save_steps: int = typer.Option(100, help="checkpoint every N steps"),
     resume: bool = typer.Option(False, help="continue from the last checkpoint of an unfinished run"),
     deepspeed: Optional[Path] = typer.Option(None, help="DeepSpeed config, e.g. infra/deepspeed/zero2.json"),
@@ -181,7 +188,10 @@ def train_cmd(
     cfg = TrainConfig.build(init=init, data=data, out=out, max_steps=max_steps, lr=lr, batch_size=batch_size,
                             grad_accum=grad_accum, seq_len=seq_len, warmup_ratio=warmup_ratio,
                             weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
-                            kd_divergence=kd_divergence, save_steps=save_steps, resume=resume, deepspeed=deepspeed,
+                            kd_divergence=kd_divergence, kd_teacher=kd_teacher, draft_vocab=draft_vocab,
+                            freeze_embeddings=freeze_embeddings, curve_dir=curve_dir, save_steps=save_steps,
+                            resume=resume,
+                            deepspeed=deepspeed,
                             num_gpus=num_gpus, cpu_fallback=cpu_fallback, seed=seed, threads=threads,
                             overwrite=overwrite, device=device, dtype=dtype)
     path = train(cfg)

@@ -173,6 +173,10 @@ class DistillSettings(DevicePlacement):
     fast_path: Literal["none", "fp16"] = Field(
         "none", description="CPU numeric path of in-process generation: fp16 = fbgemm fp16-packed GEMMs (faster; "
         "the numbers of `sd2 eval`'s default lean-fp16 path)")
+    max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds whose chat-templated prompt is longer "
+                                          "(prefill costs as much as generation on a CPU; counted as too_long)")
+    store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits at every generated token "
+                            "(KD without rerunning the target; 0 = off; hf backend)")
     workers: int = Field(1, ge=1, description="in-process generation workers over disjoint shards (hf backend); "
                          "on a GPU node one per visible GPU; the merged dataset equals one worker's")
     load: ModelLoadOptions = ModelLoadOptions()
@@ -201,6 +205,12 @@ class TrainSettings(DevicePlacement):
     loss: Literal["sft", "kd"] = "sft"
     kd_target: str | None = Field(None, description="teacher for --loss kd (default: the data's target)")
     kd_divergence: Literal["fkl", "tv"] = "fkl"
+    kd_teacher: Literal["auto", "stored", "live"] = Field(
+        "auto", description="KD teacher: stored = the top-k logits `sd2 distill --store-topk` kept (no teacher pass); "
+        "live = run the teacher every step; auto = stored when the data has them")
+    draft_vocab: int = Field(0, ge=0, description="compact drafter head over the K most frequent tokens of the data "
+                             "(0 = full head); the map is saved beside the weights")
+    freeze_embeddings: bool = Field(False, description="keep the input embeddings fixed (the target's own)")
     save_steps: int = Field(100, ge=1)
     deepspeed: Path | None = None
     num_gpus: int = Field(1, ge=1, description="processes to launch; >1 runs torchrun/deepspeed as a subprocess")
@@ -218,6 +228,8 @@ class TrainConfig(TrainSettings):
     out: Path
     resume: bool = False
     overwrite: bool = False
+    curve_dir: Path | None = Field(None, description="also write the drafter at every save step here (step-N/), "
+                                   "for learning curves")
 
 
 class PruneSettings(DevicePlacement):
@@ -281,6 +293,13 @@ PROFILES: dict[str, dict] = {
 }
 
 
+def _cpu_only() -> bool:
+    """No GPU visible: the pipeline's distillation then runs the CPU's fast numeric path (fp16-packed GEMMs)."""
+    from sd2.device import visible_gpus
+
+    return not visible_gpus()
+
+
 class PipelineConfig(_Base):
     """The whole SD² loop: self-distill → train a derived drafter → prune sweep (+ sparse FT) → baselines →
     evaluate every drafter → MLflow + Prefect artifacts. Explicit fields override the profile's values."""
@@ -296,6 +315,9 @@ class PipelineConfig(_Base):
         None, description="model the drafter is derived from (default: the target); another family's model "
         "(other tokenizer) makes a Universal Assisted Generation study")
     sweep: SweepGrid = SweepGrid()
+    prune: bool = Field(True, description="run the prune sweep (and the layer-pruned baselines matched to it); off: "
+                        "a drafter recipe (distill → train → evaluate)")
+    untuned_baseline: bool = Field(True, description="also evaluate the derived drafter before training")
     sft_baseline: bool = Field(False, description="add a drafter fine-tuned on the seed answers (plain SFT)")
     layer_baseline: bool = Field(True, description="add layer-pruned drafters with MACs matched to sparse cells")
     layer_match: list[Sparsity] = Field(
@@ -325,6 +347,16 @@ class PipelineConfig(_Base):
     cell_deployment: str | None = Field(
         None, description="run sweep cells as runs of this deployment (e.g. 'sweep-cell/sweep-cell') so several "
         "workers share a sweep; default: in-process tasks")
+    distill_store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits per generated "
+                                    "token (KD from them: no teacher pass during training)")
+    distill_max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds with longer prompts")
+    train_loss: Literal["sft", "kd"] = Field("sft", description="sft: cross-entropy on the target's answers; kd: "
+                                             "forward KL to the target's logits (stored ones when distilled with "
+                                             "distill_store_topk)")
+    draft_vocab: int = Field(0, ge=0, description="compact drafter head over the K most frequent target tokens of "
+                             "the distilled data (0 = the full head)")
+    freeze_embeddings: bool = Field(False, description="keep the drafter's input embeddings fixed")
+    packing: bool = Field(False, description="pack training examples into full seq_len blocks")
     distill_limit: int | None = Field(None, ge=1)
     distill_max_new_tokens: int | None = Field(None, ge=1)
     distill_batch_size: int | None = Field(None, ge=1)
@@ -347,14 +379,21 @@ class PipelineConfig(_Base):
     # The library settings of each stage, from the form's fields (call on a resolved config): the one place where
     # pipeline names meet library names.
     def distill_settings(self, mode: str | None = None) -> "DistillSettings":
-        return DistillSettings(mode=mode or self.distill_mode, limit=self.distill_limit,
+        mode = mode or self.distill_mode
+        return DistillSettings(mode=mode, limit=self.distill_limit,
                                max_new_tokens=self.distill_max_new_tokens, batch_size=self.distill_batch_size,
-                               threads=self.threads, device=self.device, dtype=self.dtype)
+                               threads=self.threads, device=self.device, dtype=self.dtype,
+                               store_topk=self.distill_store_topk if mode != "reference" else 0,
+                               max_prompt_tokens=self.distill_max_prompt_tokens,
+                               fast_path="fp16" if self.fast_path in ("auto", "lean-fp16", "fp16") and
+                               self.device in ("auto", "cpu") and mode != "reference" and _cpu_only() else "none")
 
-    def train_settings(self, steps: int | None = None) -> "TrainSettings":
+    def train_settings(self, steps: int | None = None, loss: str | None = None) -> "TrainSettings":
         steps = steps or self.train_steps
         return TrainSettings(max_steps=steps, batch_size=self.train_batch_size, seq_len=self.seq_len, lr=self.lr,
-                             threads=self.threads, save_steps=steps, device=self.device, dtype=self.dtype)
+                             threads=self.threads, save_steps=steps, device=self.device, dtype=self.dtype,
+                             loss=loss or self.train_loss, draft_vocab=self.draft_vocab,
+                             freeze_embeddings=self.freeze_embeddings, packing=self.packing)
 
     def derive_settings(self) -> "LayerPruneSettings":
         return LayerPruneSettings(keep_layers=self.drafter_layers, dtype=self.dtype)

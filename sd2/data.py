@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,67 @@ def load_prompts(source: str | Path | None = None, categories: list[str] | None 
     if not path.exists() and "/" in str(source) and not str(source).startswith((".", "/", "~")):
         return select(_load_hf_dataset(str(source)), categories, limit)
     return select(read_prompts(path), categories, limit)
+
+
+MAGPIE = "magpie"  # the seed source the target writes itself (from its chat template's user prefix)
+
+
+def parse_seed_mix(spec: str) -> list[tuple[str, int | None]]:
+    """`a.jsonl:800+b.jsonl:200+magpie:400` → [(source, limit)]: several seed sources in one string (so the Prefect
+    form, the CLI and stage cache keys keep one field). A name that is not a file is looked up in the data dir."""
+    parts = []
+    for item in str(spec).split("+"):
+        item = item.strip()
+        src, sep, lim = item.rpartition(":")
+        if not (sep and lim.isdigit()):
+            src, lim = item, ""
+        if not src:
+            raise UserError(f"--prompts {spec}: empty source in the seed mix; write SOURCE[:LIMIT]+SOURCE[:LIMIT]")
+        if lim and int(lim) < 1:
+            raise UserError(f"--prompts {spec}: {item}: a limit must be >= 1")
+        if src == MAGPIE and not lim:
+            raise UserError(f"--prompts {spec}: say how many self-written seeds, e.g. magpie:400")
+        if src != MAGPIE and not Path(src).exists():
+            try:
+                cand = data_dir() / src
+            except UserError:
+                cand = None
+            src = str(cand) if cand is not None and cand.exists() else src
+        parts.append((src, int(lim) if lim else None))
+    return parts
+
+
+def is_seed_mix(spec: str) -> bool:
+    """A mix string (`a.jsonl:800+magpie:400`), not one file, hub id or model."""
+    return "+" in spec or spec.startswith(MAGPIE + ":") or bool(re.search(r"\.jsonl?:\d+$", spec))
+
+
+def load_seed_mix(spec: str, limit: int | None = None) -> tuple[list[Prompt], int]:
+    """The file (or hub) seeds of a mix, each source with its own limit (`limit` caps a single source), and the
+    number of self-written (magpie) seeds asked for."""
+    parts = parse_seed_mix(spec)
+    prompts, magpie = [], 0
+    for src, lim in parts:
+        if src == MAGPIE:
+            magpie += lim or 0
+            continue
+        got = load_prompts(src, limit=lim if lim is not None else limit)
+        if len(parts) > 1:  # ids stay unique across sources
+            tag = Path(src).stem
+            got = [Prompt(f"{tag}/{p.id}", p.category, p.text, p.reference) for p in got]
+        prompts.extend(got)
+    return prompts, magpie
+
+
+def mix_digest(spec: str) -> str:
+    """Digest of a seed mix: the spec and the bytes of every file in it (a single file: its own digest)."""
+    if Path(str(spec)).is_file():
+        return file_digest(spec)
+    h = hashlib.sha256(str(spec).encode())
+    for src, _ in parse_seed_mix(spec):
+        if src != MAGPIE and Path(src).is_file():
+            h.update(file_digest(src).encode())
+    return h.hexdigest()
 
 
 def _load_hf_dataset(dataset_id: str, split: str = "train") -> list[Prompt]:

@@ -7,7 +7,6 @@ command resumes from the shards already there. The finished dataset is renamed i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -18,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
-from sd2.data import Prompt, encode_prompt, file_digest, load_distilled, load_prompts  # noqa: F401 - re-export
+from sd2.data import (Prompt, encode_prompt, file_digest, load_distilled, load_prompts,  # noqa: F401 - re-export
+                      load_seed_mix, mix_digest)
 from sd2.errors import UserError
 from sd2.device import torch_threads
 from sd2.fastpath import pack_fp16, require_cpu
@@ -32,6 +32,7 @@ REWRITE_TEMPLATE = (
     "Using the reference answer as a guide, respond to the request in your own words."
 )
 COLUMNS = ("prompt", "response", "source_id")
+TEACHER_COLUMNS = ("response_ids", "topk_ids", "topk_logits")  # with --store-topk: exact ids + the target's top-k
 
 
 def request_text(p: Prompt, mode: str) -> str:
@@ -50,10 +51,14 @@ def is_degenerate(token_ids: list[int], n: int = 4, min_ngrams: int = 24, max_re
 
 
 @torch.inference_mode()
-def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temperature: float, seed: int
-                   ) -> list[tuple[str, list[int], bool]]:
-    """Left-padded batched generation with KV cache; returns (text, token ids, truncated) per request."""
-    encoded = [encode_prompt(tok, r) for r in requests]
+def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temperature: float, seed: int,
+                   topk: int = 0, encoded: list[list[int]] | None = None) -> list[tuple]:
+    """Left-padded batched generation with KV cache; returns (text, token ids, truncated, teacher) per request.
+
+    With `topk` > 0, `teacher` is the target's top-k (ids, logits) at every generated position (the EOS step
+    included when the answer ended): the logits generation computes anyway, kept for KD so training never
+    reruns the target. `encoded` gives the prompts as token ids instead of chat-templated text."""
+    encoded = encoded if encoded is not None else [encode_prompt(tok, r) for r in requests]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -64,11 +69,17 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
     torch.manual_seed(seed)
     kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
+                         output_logits=topk > 0, **kwargs)
+    steps = None
+    if topk > 0:  # (batch, steps, k) each; logits rounded to fp16 precision (what the packed path computes with)
+        stacked = torch.stack(out.logits, 1).float()
+        vals, idx = stacked.topk(min(topk, stacked.shape[-1]), dim=-1)
+        steps = (idx.tolist(), vals.half().float().tolist())
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id]) | {tok.eos_token_id}
     results = []
-    for row in out[:, width:].tolist():
+    for r, row in enumerate(out.sequences[:, width:].tolist()):
         toks, ended = [], False
         for t in row:
             if t in eos:
@@ -76,7 +87,11 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
                 break
             toks.append(t)
         truncated = not ended and len(row) >= max_new_tokens
-        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, truncated))
+        teacher = None
+        if steps is not None:
+            n = len(toks) + int(ended)
+            teacher = (steps[0][r][:n], [[round(v, 3) for v in step] for step in steps[1][r][:n]])
+        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, truncated, teacher))
     return results
 
 
@@ -85,6 +100,9 @@ def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
            "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
            "temperature": cfg.temperature, "seed": cfg.seed, "backend": cfg.backend}
+    for extra in ("store_topk", "max_prompt_tokens"):
+        if getattr(cfg, extra):
+            key[extra] = getattr(cfg, extra)
     if cfg.fast_path != "none":
         key["fast_path"] = cfg.fast_path  # other numbers, other answers: never resume across paths
     if cfg.backend == "openai":
@@ -98,7 +116,8 @@ def _words(text: str) -> list[int]:
 
 
 def _generator(cfg: DistillConfig, placement=None):
-    """(generate(requests, seed) → [(text, token ids | None, truncated, error | None)], target digest, info)."""
+    """(generate(requests, seed) → [(text, token ids | None, truncated, error | None, teacher top-k | None)],
+    target digest, info)."""
     if cfg.mode == "reference":
         return None, "none (reference answers, no generation)", {}
     if cfg.backend == "openai":
@@ -110,8 +129,8 @@ def _generator(cfg: DistillConfig, placement=None):
         names = backend.check()
 
         def gen(requests, seed):
-            return backend.generate(requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    seed=seed)
+            return [(*r, None) for r in backend.generate(requests, max_new_tokens=cfg.max_new_tokens,
+                                                         temperature=cfg.temperature, seed=seed)]
         return gen, f"served:{served}", {"served_model": served, "served_models": names, "base_urls": backend.urls}
     if placement is None:  # several workers: each loads the target on its own device (_worker)
         return None, model_digest(cfg.target), {}
@@ -123,19 +142,76 @@ def _generator(cfg: DistillConfig, placement=None):
         raise UserError(f"--target {cfg.target}: no tokenizer, cannot generate")
 
     def gen(requests, seed):
-        return [(t, ids, tr, None) for t, ids, tr in generate_batch(
-            model, tok, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)]
+        return [(t, ids, tr, None, teacher) for t, ids, tr, teacher in generate_batch(
+            model, tok, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+            topk=cfg.store_topk)]
+    gen.user_turns = lambda n, seed: user_turns(model, tok, n, batch_size=cfg.batch_size, seed=seed)
     return gen, model_digest(cfg.target), {}
 
 
-def _check_seeds(cfg: DistillConfig) -> list[Prompt]:
-    prompts = load_prompts(cfg.prompts, limit=cfg.limit)
+def user_prefix(tok) -> list[int]:
+    """Token ids of the chat template up to where a user's message starts (system turn included, if any)."""
+    if not getattr(tok, "chat_template", None):
+        raise UserError("--prompts magpie:N: the target's tokenizer has no chat template to write user turns from")
+    marker = "\x00sd2-user-turn\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return tok(text[:text.index(marker)], add_special_tokens=False)["input_ids"]
+
+
+def user_turns(model, tok, n: int, *, batch_size: int, seed: int, max_new_tokens: int = 96,
+               temperature: float = 1.0) -> list[Prompt]:
+    """Magpie: the target writes user requests itself, sampled from its chat template's user prefix — seeds from
+    its own distribution with nothing downloaded. Unfinished, empty, degenerate and repeated turns are dropped."""
+    prefix, seen, out = user_prefix(tok), set(), []
+    for attempt in range(0, 4 * n, batch_size):  # at most 4n samples
+        if len(out) >= n:
+            break
+        rows = generate_batch(model, tok, [""] * batch_size, encoded=[prefix] * batch_size,
+                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + attempt)
+        for text, ids, truncated, _ in rows:
+            key = " ".join(text.lower().split())
+            if truncated or len(ids) < 4 or is_degenerate(ids) or key in seen or len(out) >= n:
+                continue
+            seen.add(key)
+            out.append(Prompt(f"magpie/{len(out)}", "magpie", text))
+    if len(out) < n:
+        log.warning("magpie: %d of %d self-written seeds kept (the rest were unfinished or repeated)", len(out), n)
+    return out
+
+
+def _check_seeds(cfg: DistillConfig, work: Path | None = None) -> tuple[list[Prompt], int]:
+    """The seed prompts (file/hub sources of the mix, then the self-written ones already made in `work`) and how
+    many self-written seeds the mix asks for."""
+    prompts, n_magpie = load_seed_mix(cfg.prompts, limit=cfg.limit)
+    if n_magpie and (cfg.backend != "hf" or cfg.mode != "regenerate"):
+        raise UserError(f"--prompts {cfg.prompts}: self-written (magpie) seeds need --backend hf and --mode "
+                        "regenerate (they have no reference answer)")
     if cfg.mode in ("rewrite", "reference"):
         missing = [p.id for p in prompts if not p.reference]
         if missing:
             raise UserError(f"--mode {cfg.mode}: {len(missing)} seed record(s) have no reference answer "
                             f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
-    return prompts
+    if work is not None and (work / "magpie.jsonl").exists():
+        prompts += [Prompt(**json.loads(line)) for line in (work / "magpie.jsonl").read_text().splitlines()]
+    if cfg.max_prompt_tokens and prompts:
+        from sd2.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.target, trust_remote_code=cfg.load.trust_remote_code)
+        prompts = [p for p in prompts
+                   if len(encode_prompt(tok, request_text(p, cfg.mode))) <= cfg.max_prompt_tokens]
+    return prompts, n_magpie
+
+
+def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
+    """Write the self-written seeds once (the resumed run reads them back); several workers: made here first."""
+    if n == 0 or (work / "magpie.jsonl").exists():
+        return
+    if gen is None:
+        gen, _, _ = _generator(cfg, type(where)(where.workers[0], where.dtype))
+    with torch_threads(cfg.threads):
+        turns = gen.user_turns(n, cfg.seed + 7_919)
+    log.info("magpie: the target wrote %d seed requests", len(turns))
+    atomic_write_text(work / "magpie.jsonl", "".join(json.dumps(vars(p)) + "\n" for p in turns))
 
 
 def _placement(cfg: DistillConfig):
@@ -143,6 +219,10 @@ def _placement(cfg: DistillConfig):
     from sd2 import device as devices
     from sd2.models import resolve_spec
 
+    if cfg.store_topk and (cfg.backend != "hf" or cfg.mode == "reference"):
+        raise UserError(f"--store-topk {cfg.store_topk}: only in-process generation (--backend hf, --mode regenerate "
+                        "or rewrite) sees the target's logits; use --store-topk 0 (train with --loss kd and a live "
+                        "teacher instead)")
     if cfg.backend != "hf" or cfg.mode == "reference":
         if cfg.workers > 1:
             raise UserError("--workers: only the in-process (hf) backend generates with workers; an OpenAI-compatible "
@@ -195,14 +275,16 @@ def _run_shards(cfg: DistillConfig, prompts: list[Prompt], shards: Path, gen, sh
             idx = todo[b:b + step]
             batch = [chunk[i] for i in idx]
             if gen is None:
-                gens = [(p.reference.strip(), [], False, None) for p in batch]
+                gens = [(p.reference.strip(), [], False, None, None) for p in batch]
             else:
                 gens = gen([request_text(p, cfg.mode) for p in batch], cfg.seed + s * 100_003 + b)
-            for i, p, (text, toks, truncated, error) in zip(idx, batch, gens):
-                toks = toks if toks is not None else _words(text)
-                gen_tokens += len(toks)
+            for i, p, (text, toks, truncated, error, teacher) in zip(idx, batch, gens):
+                ids = toks if toks is not None else _words(text)
                 rows[i] = {"prompt": p.text, "response": text, "source_id": p.id, "category": p.category,
-                           "truncated": truncated, "degenerate": is_degenerate(toks)}
+                           "truncated": truncated, "degenerate": is_degenerate(ids)}
+                if teacher is not None:  # the exact ids and the target's top-k logits at each (for KD)
+                    rows[i].update(response_ids=toks, topk_ids=teacher[0], topk_logits=teacher[1])
+                gen_tokens += len(ids)
                 if error:
                     rows[i]["error"] = error
                     log.warning("request for %s failed: %s", p.id, error)
@@ -216,7 +298,7 @@ def _worker(cfg_json: str, shards: str, shard_ids: list[int], device: str, dtype
     from sd2.device import Placement
 
     cfg = DistillConfig.model_validate_json(cfg_json)
-    prompts = _check_seeds(cfg)
+    prompts, _ = _check_seeds(cfg, Path(shards).parent)
     gen, _, _ = _generator(cfg, Placement(device, dtype))
     with torch_threads(cfg.threads):
         return _run_shards(cfg, prompts, Path(shards), gen, shard_ids, tqdm(disable=True))
@@ -256,7 +338,8 @@ def _finish(cfg: DistillConfig, out: Path, shards: Path, key: dict, info: dict, 
     manifest = {**key, **info, "counts": counts, "generated_tokens": gen_tokens,
                 "generation_seconds_this_run": round(seconds, 2),
                 "generated_tokens_per_s_this_run": round(gen_tokens / seconds, 2) if seconds else None,
-                "columns": list(COLUMNS) + ["category", "truncated"]}
+                "columns": list(COLUMNS) + ["category", "truncated"]
+                + (list(TEACHER_COLUMNS) if cfg.store_topk else [])}
     with publish_dir(out) as tmp:  # on failure the finished shards stay for the re-run
         datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
         write_json(manifest, tmp / "sd2_manifest.json")
@@ -281,7 +364,7 @@ def _filter(rows: list[dict], n_seeds: int) -> tuple[list[dict], dict]:
             continue
         seen.add(k)
         counts["truncated_kept"] += int(r["truncated"])
-        kept.append({c: r[c] for c in (*COLUMNS, "category", "truncated")})
+        kept.append({c: r[c] for c in (*COLUMNS, "category", "truncated", *TEACHER_COLUMNS) if c in r})
     if not kept:
         raise UserError(f"distillation produced no usable responses ({counts}); check the target and prompts")
     counts["kept"] = len(kept)
@@ -298,10 +381,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     where = _placement(cfg)
     check_output_dir(out, cfg.overwrite)
-    prompts = _check_seeds(cfg)
-    seed_path = Path(str(cfg.prompts))
-    seed_digest = (file_digest(seed_path) if seed_path.exists()
-                   else hashlib.sha256(str(cfg.prompts).encode()).hexdigest())
+    _, n_magpie = _check_seeds(cfg)
+    seed_digest = mix_digest(cfg.prompts)
     many = where is not None and len(where.workers) > 1
     gen, target_digest, info = _generator(cfg, None if many else where)
     key = _run_key(cfg, target_digest, seed_digest)
@@ -311,6 +392,8 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         info = {**info, "device": where.describe(), "workers": len(where.workers)}
     shards = _open_work(out, key)
     t0 = time.perf_counter()
+    _magpie_seeds(cfg, gen, shards.parent, n_magpie, where)
+    prompts, _ = _check_seeds(cfg, shards.parent)
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
     if many:
@@ -319,4 +402,5 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         with torch_threads(cfg.threads):
             gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), bar)
     bar.close()
+    info["too_long_skipped"] = len(load_seed_mix(cfg.prompts, cfg.limit)[0]) + n_magpie - len(prompts)
     return _finish(cfg, out, shards, key, info, len(prompts), gen_tokens, time.perf_counter() - t0)

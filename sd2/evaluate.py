@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
+from sd2.draftvocab import draft_ids
 from sd2.errors import UserError
 from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
 from sd2.fastpath import pack_fp16, require_cpu
@@ -109,6 +110,9 @@ def drafter_matches(drafter, prompt: list[int], tokens: list[int]) -> list[bool]
     else:
         inp = torch.tensor([prompt + tokens[:-1]], dtype=torch.long, device=drafter.device)
         pred = drafter(input_ids=inp, logits_to_keep=len(tokens)).logits[0].argmax(-1).tolist()
+    dmap = draft_ids(drafter)
+    if dmap is not None:  # compact head: its index → the token id
+        pred = dmap[pred].tolist()
     return [p == t for p, t in zip(pred, tokens)]
 
 

@@ -212,6 +212,11 @@ def load_model(
     except OSError as exc:
         raise UserError(f"model {spec!r}: cannot load ({str(exc).splitlines()[0]})") from None
     model.eval()
+    from sd2 import draftvocab
+
+    ids = draftvocab.load(loc) if Path(loc).is_dir() else None
+    if ids:  # a drafter with a draft vocabulary runs its compact head in sd2
+        draftvocab.compact_head(model, ids)
     tok = load_tokenizer(spec, trust_remote_code=trust_remote_code) if with_tokenizer else None
     return model, tok
 
@@ -224,6 +229,10 @@ def save_model(model, tokenizer, out: Path, overwrite: bool = False, extra_files
     check_output_dir(out, overwrite)
     with publish_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        from sd2 import draftvocab
+
+        if draftvocab.draft_ids(model) is not None:  # full-size head on disk + the map (plain transformers loads it)
+            draftvocab.save(tmp, draftvocab.draft_ids(model).tolist(), model.sd2_full_vocab)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

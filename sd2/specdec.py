@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from sd2.device import synchronize
+from sd2.draftvocab import draft_ids, full_logits, wide_head
 
 
 @dataclass
@@ -155,6 +156,7 @@ class _SameVocabProposer:
         self.d = cached(drafter, capacity)
         self.eos, self.temperature, self.gen = eos, temperature, gen
         self.threshold = threshold
+        self.draft_ids, self.vocab_size = draft_ids(drafter), getattr(drafter, "sd2_full_vocab", None)
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
         if len(self.d.ids) >= len(ids):
@@ -163,7 +165,10 @@ class _SameVocabProposer:
         qs: list[torch.Tensor] = []
         seq = list(ids)
         for _ in range(n):
-            tok, q = _draft_token(self.d.forward(seq, keep=1)[-1], self.temperature, self.gen, self.threshold)
+            logits = self.d.forward(seq, keep=1)[-1]
+            if self.draft_ids is not None:  # compact head: its K logits, placed in the full vocabulary
+                logits = full_logits(logits, self.draft_ids, self.vocab_size)
+            tok, q = _draft_token(logits, self.temperature, self.gen, self.threshold)
             if tok is None:
                 break
             if q is not None:
@@ -191,6 +196,7 @@ class _CrossVocabProposer:
         self.deos = eos_ids(drafter, drafter_tok)
         self.target_eos = target_eos
         self.temperature, self.gen = temperature, gen
+        self.draft_ids, self.vocab_size = draft_ids(drafter), getattr(drafter, "sd2_full_vocab", None)
         self.drafter_tokens = 0  # drafter tokens of the final text, for the cross-tokenizer cost ratio
 
     def _drafter_ids(self, ids: list[int]) -> list[int]:
@@ -203,7 +209,10 @@ class _CrossVocabProposer:
         drafts: list[int] = []
         ended = False
         for _ in range(n):
-            tok, _ = _draft_token(self.d.forward(seq, keep=1)[-1], self.temperature, self.gen, self.threshold)
+            logits = self.d.forward(seq, keep=1)[-1]
+            if self.draft_ids is not None:
+                logits = full_logits(logits, self.draft_ids, self.vocab_size)
+            tok, _ = _draft_token(logits, self.temperature, self.gen, self.threshold)
             if tok is None:
                 break
             if tok in self.deos:
@@ -321,15 +330,17 @@ class SpecDecoder:
 
 @torch.inference_mode()
 def hf_assisted_generate(target, drafter, prompt: list[int], *, gamma: int, max_new_tokens: int,
-                         target_tokenizer=None, drafter_tokenizer=None) -> DecodeResult:
-    """HF `generate(assistant_model=...)` with γ fixed (schedule "constant", confidence threshold off), greedy.
+                         target_tokenizer=None, drafter_tokenizer=None,
+                         confidence_threshold: float = 0.0) -> DecodeResult:
+    """HF `generate(assistant_model=...)` with γ fixed (schedule "constant"), greedy; `confidence_threshold` > 0 is
+    HF's own dynamic draft length (`assistant_confidence_threshold`: γ is then the maximum).
 
     Counts the target's forward calls with a hook, so its MAL is measured the same way as ours.
     """
     cfg = drafter.generation_config
     saved = (cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold)
     cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
-        gamma, "constant", 0.0)
+        gamma, "constant", confidence_threshold)
     calls = [0]
     hook = target.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
@@ -339,8 +350,9 @@ def hf_assisted_generate(target, drafter, prompt: list[int], *, gamma: int, max_
         if target_tokenizer is not None and drafter_tokenizer is not None:
             kwargs = {"tokenizer": target_tokenizer, "assistant_tokenizer": drafter_tokenizer}
         inp = torch.tensor([prompt], dtype=torch.long, device=target.device)
-        out = target.generate(inp, attention_mask=torch.ones_like(inp), assistant_model=drafter, do_sample=False,
-                              max_new_tokens=max_new_tokens, **kwargs)
+        with wide_head(drafter):  # HF's assistant needs full-vocabulary logits
+            out = target.generate(inp, attention_mask=torch.ones_like(inp), assistant_model=drafter,
+                                  do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
         synchronize(target.device)
         secs = time.perf_counter() - t0
     finally:

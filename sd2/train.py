@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd2 import draftvocab
 from sd2.config import TrainConfig
 from sd2.data import encode_prompt, load_distilled
 from sd2.errors import UserError
@@ -34,38 +35,53 @@ IGNORE = -100
 # ---------------------------------------------------------------------------------------------- data
 
 
-def build_examples(ds, tok, seq_len: int, packing: bool = False) -> tuple[list[dict], int]:
-    """Tokenize (chat-templated prompt, response + EOS); labels only on the response. Returns (examples, dropped)."""
+def build_examples(ds, tok, seq_len: int, packing: bool = False, use_ids: bool = True,
+                   teacher: bool = False) -> tuple[list[dict], dict]:
+    """Tokenize (chat-templated prompt, response + EOS); labels only on the response. Prompts longer than half of
+    `seq_len` keep their last half-`seq_len` tokens (truncated, not dropped). With `use_ids` the target's own
+    response ids (stored by distill) are used as they are; with `teacher` each example carries the stored top-k
+    logits aligned with its labels. Returns (examples, counts)."""
     eos = tok.eos_token_id
-    examples, dropped = [], 0
+    examples, counts = [], {"rows": 0, "prompt_truncated": 0, "response_truncated": 0}
+    ids_col = use_ids and "response_ids" in (getattr(ds, "column_names", None) or (list(ds[0]) if len(ds) else []))
     for row in ds:
+        counts["rows"] += 1
         p = encode_prompt(tok, row["prompt"])
-        r = tok.encode(row["response"], add_special_tokens=False) + ([eos] if eos is not None else [])
-        if packing:  # whole examples are concatenated, then cut into seq_len blocks below
-            examples.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
-            continue
-        if len(p) >= seq_len - 1:
-            dropped += 1
-            continue
-        ids = (p + r)[:seq_len]
-        labels = ([IGNORE] * len(p) + r)[:seq_len]
-        examples.append({"input_ids": ids, "labels": labels})
+        if ids_col:
+            r = list(row["response_ids"])
+            ended = not row.get("truncated", False)
+            r += [eos] if ended and eos is not None else []
+        else:
+            r = tok.encode(row["response"], add_special_tokens=False) + ([eos] if eos is not None else [])
+        if not packing and len(p) > seq_len // 2:
+            p = p[-(seq_len // 2):]
+            counts["prompt_truncated"] += 1
+        ex = {"input_ids": p + r, "labels": [IGNORE] * len(p) + r}
+        if teacher:  # one top-k row per response position (the generated tokens, then EOS if it ended)
+            n = min(len(r), len(row["topk_ids"]))
+            ex["topk_ids"] = [None] * len(p) + list(row["topk_ids"][:n]) + [None] * (len(r) - n)
+            ex["topk_logits"] = [None] * len(p) + list(row["topk_logits"][:n]) + [None] * (len(r) - n)
+        if not packing:
+            counts["response_truncated"] += int(len(ex["input_ids"]) > seq_len)
+            ex = {k: v[:seq_len] for k, v in ex.items()}
+        examples.append(ex)
     if packing and examples:
-        packed, cur_ids, cur_lab = [], [], []
+        packed, cur = [], {k: [] for k in examples[0]}
         for ex in examples:
-            cur_ids += ex["input_ids"]
-            cur_lab += ex["labels"]
-            while len(cur_ids) >= seq_len:
-                packed.append({"input_ids": cur_ids[:seq_len], "labels": cur_lab[:seq_len]})
-                cur_ids, cur_lab = cur_ids[seq_len:], cur_lab[seq_len:]
-        if cur_ids:
-            packed.append({"input_ids": cur_ids, "labels": cur_lab})
+            for k in cur:
+                cur[k] += ex[k]
+            while len(cur["input_ids"]) >= seq_len:
+                packed.append({k: v[:seq_len] for k, v in cur.items()})
+                cur = {k: v[seq_len:] for k, v in cur.items()}
+        if cur["input_ids"]:
+            packed.append(cur)
         examples = packed
-    return examples, dropped
+    return examples, counts
 
 
 class Collator:
-    """Right-pads a batch; padding gets label -100 and attention 0."""
+    """Right-pads a batch; padding gets label -100 and attention 0. Stored teacher rows become [B, T, k] tensors
+    (positions without one are masked by their label)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -75,12 +91,22 @@ class Collator:
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        k = next((len(r) for b in batch for r in b.get("topk_ids", []) if r is not None), 0)
+        if k:
+            out["topk_ids"] = torch.zeros((len(batch), width, k), dtype=torch.long)
+            out["topk_logits"] = torch.full((len(batch), width, k), float("-inf"))
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            if k:
+                for j, (ti, tl) in enumerate(zip(b["topk_ids"], b["topk_logits"])):
+                    if ti is not None:
+                        out["topk_ids"][i, j] = torch.tensor(ti)
+                        out["topk_logits"][i, j] = torch.tensor(tl)
+        return out
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -143,6 +169,37 @@ class SparsityMasks:
 # ------------------------------------------------------------------------------------------- losses
 
 
+def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+                 labels: torch.Tensor, divergence: str = "fkl") -> torch.Tensor:
+    """KD from stored top-k teacher logits: the teacher's distribution renormalised over its k best tokens (all
+    the mass it is sure of), against the student's full softmax. `topk_*[:, j]` is the teacher at the position
+    that predicts labels[:, j] (what generation stored); ids < 0 (outside a draft vocabulary) carry no mass."""
+    sel = labels[:, 1:] != IGNORE
+    s = student_logits[:, :-1][sel].float()
+    if s.numel() == 0:
+        return student_logits.sum() * 0
+    ids = topk_ids[:, 1:][sel]
+    t = topk_logits[:, 1:][sel].float().masked_fill(ids < 0, float("-inf"))
+    keep = torch.isfinite(t).any(-1)  # a position whose whole top-k lies outside the draft vocabulary: no signal
+    s, ids, t = s[keep], ids[keep].clamp(min=0), t[keep]
+    if s.numel() == 0:
+        return student_logits.sum() * 0
+    p = torch.softmax(t, -1)
+    s_logp = torch.log_softmax(s, -1)
+    if divergence == "fkl":
+        return (p * (torch.log(p.clamp_min(1e-30)) - s_logp.gather(-1, ids))).sum(-1).mean()
+    if divergence == "tv":  # top-k part + the student's mass outside the teacher's top-k
+        q = s_logp.gather(-1, ids).exp()
+        return 0.5 * ((p - q).abs().sum(-1) + (1 - q.sum(-1)).clamp_min(0)).mean()
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on response positions (labels already in the head's index space)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             divergence: str = "fkl") -> torch.Tensor:
     """Token-level distillation on response positions (DistillSpec): forward KL(teacher‖student) or TV."""
@@ -198,7 +255,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         if work.exists() and not cfg.overwrite:
             raise UserError(f"{work}: an unfinished training run is there; pass --resume to continue it "
                             "or --overwrite to start over")
-    load_distilled(cfg.data)  # fail fast on a bad data dir, before any process starts
+    _stored_teacher(cfg, load_distilled(cfg.data))  # fail fast on a bad data dir, before any process starts
+    _check_draft_vocab(cfg)
     _validate_deepspeed(cfg)
     gpus = torch.cuda.device_count() if where.is_cuda else 0
     on_cpu = gpus == 0
@@ -259,22 +317,50 @@ class MaskKeeper:
         self.masks.apply(self.trainer.model, getattr(self.trainer, "deepspeed", None))
 
 
+def _curve_callback(curve_dir: Path, tok):
+    """TrainerCallback writing the drafter at every save step to curve_dir/step-N (a loadable model dir)."""
+    from transformers import TrainerCallback
+
+    from sd2.models import save_model
+
+    class _Curve(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            if state.is_world_process_zero and model is not None:
+                save_model(model, tok, Path(curve_dir) / f"step-{state.global_step}", overwrite=True)
+    return _Curve()
+
+
 def _trainer_class():
-    """HF Trainer with the KD loss when a teacher is attached (`teacher`, `kd_divergence` attributes)."""
+    """HF Trainer whose loss knows the drafter's head (full or compact) and the teacher: SFT, KD from stored top-k
+    logits (`stored_teacher`), or KD from a live teacher (`teacher`)."""
     from transformers import Trainer
 
     class SD2Trainer(Trainer):
         teacher = None
+        stored_teacher = False
         kd_divergence = "fkl"
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.teacher is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            with torch.no_grad():
-                t_logits = self.teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
-                                                                   attention_mask=inputs["attention_mask"]).logits
-            loss = kd_loss(outputs.logits, t_logits, inputs["labels"], self.kd_divergence)
+            logits, labels = outputs.logits, inputs["labels"]
+            dmap = draftvocab.draft_ids(self.model)
+            vocab = getattr(self.model, "sd2_full_vocab", None)
+            if dmap is not None:  # labels (and teacher ids) into the compact head's index space
+                labels = draftvocab.to_draft(labels, dmap, vocab, missing=IGNORE)
+            if self.stored_teacher:
+                tids = inputs["topk_ids"]
+                if dmap is not None:
+                    tids = draftvocab.to_draft(tids, dmap, vocab, missing=-1)
+                loss = topk_kd_loss(logits, tids, inputs["topk_logits"], labels, self.kd_divergence)
+            elif self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher.to(logits.device)(input_ids=inputs["input_ids"],
+                                                              attention_mask=inputs["attention_mask"]).logits
+                if dmap is not None:
+                    t_logits = t_logits[..., dmap.to(t_logits.device)]
+                loss = kd_loss(logits, t_logits, labels, self.kd_divergence)
+            else:
+                loss = sft_loss(logits, labels)
             return (loss, outputs) if return_outputs else loss
     return SD2Trainer
 
@@ -335,11 +421,21 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.cuda.set_device(torch.device(where.device))  # a pinned GPU (cuda:N) for the in-process run
     model, tok = load_model(cfg.init, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
     model.train()
-    examples, dropped = build_examples(load_distilled(cfg.data), tok, cfg.seq_len, cfg.packing)
-    if not examples:
-        raise UserError(f"--seq-len {cfg.seq_len}: shorter than every prompt ({dropped} dropped); raise it")
-    if dropped:
-        log.warning("%d example(s) dropped: prompt longer than --seq-len %d", dropped, cfg.seq_len)
+    ds = load_distilled(cfg.data)
+    stored = _stored_teacher(cfg, ds)
+    same_tok = _same_tokenizer_as_data(cfg.data, tok)
+    examples, counts = build_examples(ds, tok, cfg.seq_len, cfg.packing, use_ids=same_tok, teacher=stored)
+    if counts["prompt_truncated"]:
+        log.info("%d prompt(s) longer than half of --seq-len %d kept their last tokens", counts["prompt_truncated"],
+                 cfg.seq_len)
+    if cfg.draft_vocab and draftvocab.draft_ids(model) is None:
+        ids = draftvocab.choose(draftvocab.token_counts(ds, tok) if same_tok else _retokenized_counts(ds, tok),
+                                cfg.draft_vocab, model.get_output_embeddings().weight.shape[0],
+                                always={tok.eos_token_id} if tok.eos_token_id is not None else set())
+        draftvocab.compact_head(model, ids)
+        log.info("draft vocabulary: %d of %d tokens", len(ids), model.sd2_full_vocab)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     masks = SparsityMasks.from_model(model, _pruned_layers(cfg.init))
     keeper = None
     if masks:
@@ -349,9 +445,12 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     args = _training_args(cfg, where, work, progress)
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=Collator(
         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
-        callbacks=[keeper.callback] if keeper else [])
+        callbacks=([keeper.callback] if keeper else []) + ([_curve_callback(cfg.curve_dir, tok)] if cfg.curve_dir
+                                                             else []))
     if cfg.loss == "kd":
-        trainer.teacher, trainer.kd_divergence = _teacher(cfg, where, tok), cfg.kd_divergence
+        trainer.kd_divergence, trainer.stored_teacher = cfg.kd_divergence, stored
+        if not stored:
+            trainer.teacher = _teacher(cfg, where, tok)
     if keeper:
         keeper.trainer = trainer
     resume_from = None
@@ -361,11 +460,62 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         if resume_from:
             log.info("resuming from %s", resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    _publish(cfg, where, trainer, tok, masks, result, examples, dropped, out, work)
+    _publish(cfg, where, trainer, tok, masks, result, examples, counts, out, work)
     return out
 
 
-def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, dropped: int, out: Path,
+def _check_draft_vocab(cfg: TrainConfig) -> None:
+    if not cfg.draft_vocab:
+        return
+    from transformers import AutoConfig
+
+    from sd2.models import resolve_spec
+
+    mcfg = AutoConfig.from_pretrained(resolve_spec(cfg.init, allow_pickle=cfg.load.allow_pickle))
+    draftvocab.check_size(cfg.draft_vocab, (getattr(mcfg, "text_config", None) or mcfg).vocab_size)
+
+
+def _stored_teacher(cfg: TrainConfig, ds) -> bool:
+    """Whether KD reads the top-k logits stored with the data; a stored teacher must be the asked-for target."""
+    if cfg.loss != "kd" or cfg.kd_teacher == "live":
+        return False
+    has = "topk_ids" in ds.column_names
+    if not has:
+        if cfg.kd_teacher == "stored":
+            raise UserError(f"--kd-teacher stored: {cfg.data} has no stored teacher logits; distill with --store-topk "
+                            "K, or use --kd-teacher live")
+        return False
+    if cfg.kd_target:
+        from sd2.models import model_digest
+
+        manifest = json.loads((Path(cfg.data) / "sd2_manifest.json").read_text())
+        if model_digest(cfg.kd_target) != manifest.get("target_digest"):
+            raise UserError(f"--kd-target {cfg.kd_target}: the teacher logits stored in {cfg.data} come from another "
+                            f"model ({manifest.get('target')}); use --kd-teacher live, or distill with this target")
+    return True
+
+
+def _same_tokenizer_as_data(data: Path, tok) -> bool:
+    """Whether the data's stored response ids are in this drafter's vocabulary (same tokenizer as the target)."""
+    manifest = Path(data) / "sd2_manifest.json"
+    target = json.loads(manifest.read_text()).get("target") if manifest.exists() else None
+    if not target:
+        return False
+    from sd2.models import load_tokenizer
+
+    try:
+        return same_tokenizer(tok, load_tokenizer(target))
+    except UserError:
+        return False
+
+
+def _retokenized_counts(ds, tok):
+    from collections import Counter
+
+    return Counter(t for row in ds for t in tok.encode(row["response"], add_special_tokens=False))
+
+
+def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, counts: dict, out: Path,
              work: Path) -> None:
     """Save the trained drafter (in the requested dtype) with its training record, then rename it into place."""
     final_tmp = work / "final"
@@ -378,6 +528,9 @@ def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, dro
     if not trainer.is_world_process_zero():
         return
     tok.save_pretrained(final_tmp)
+    dmap = draftvocab.draft_ids(trainer.model)
+    if dmap is not None:
+        draftvocab.save(final_tmp, dmap.tolist(), trainer.model.sd2_full_vocab)
     (final_tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in sd2_train.json
     engine = getattr(trainer, "deepspeed", None)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
@@ -386,11 +539,14 @@ def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, dro
     write_json({
         "config": json.loads(cfg.model_dump_json()),
         "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+        "train_tokens": int(n_tokens * epochs),
         "train_runtime_s": runtime, "train_tokens_per_s": n_tokens * epochs / runtime if runtime else None,
         "world_size": trainer.args.world_size, "device": where.describe(),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
-        "examples": len(examples), "dropped": dropped, "masked_layers": len(masks.masks),
+        "examples": len(examples), "data": counts, "draft_vocab": len(dmap) if dmap is not None else None,
+        "kd_teacher": ("stored" if trainer.stored_teacher else "live") if cfg.loss == "kd" else None,
+        "masked_layers": len(masks.masks),
         "mask_density": masks.density(), "regrown": regrown,
         "log_history": trainer.state.log_history,
     }, final_tmp / "sd2_train.json")

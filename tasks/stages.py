@@ -21,6 +21,7 @@ from sd2.config import (
     DistillConfig, DistillSettings, EvalConfig, EvalOptions, LayerPruneSettings, PruneSettings, TrainConfig,
     TrainSettings,
 )
+from sd2.data import is_seed_mix, mix_digest
 from sd2.models import model_digest, sd2_home
 
 
@@ -34,6 +35,8 @@ def _digest(path_or_spec) -> str:
         return h.hexdigest()
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()
+    if is_seed_mix(str(path_or_spec)):  # several seed sources in one string: the spec and each file's bytes
+        return mix_digest(str(path_or_spec))
     return model_digest(str(path_or_spec))
 
 

@@ -61,3 +61,28 @@ def test_spec_bench_selection_round_robin():
 
 def test_encode_prompt_without_template(tok300):
     assert encode_prompt(tok300, "the fox") == tok300("the fox")["input_ids"]
+
+
+def test_seed_mix_parses_limits_and_magpie(tmp_path):
+    from sd2.data import load_seed_mix, mix_digest, parse_seed_mix
+
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(f'{{"prompt": "a{i}"}}\n' for i in range(5)))
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(f'{{"prompt": "b{i}"}}\n' for i in range(5)))
+    assert parse_seed_mix(f"{a}:2+{b}+magpie:7") == [(str(a), 2), (str(b), None), ("magpie", 7)]
+    prompts, n_magpie = load_seed_mix(f"{a}:2+{b}:3+magpie:7")
+    assert [p.text for p in prompts] == ["a0", "a1", "b0", "b1", "b2"] and n_magpie == 7
+    assert len({p.id for p in prompts}) == 5  # ids stay unique across sources
+    assert mix_digest(str(a)) != mix_digest(f"{a}:2+{b}:3")
+    single, n = load_seed_mix(str(a), limit=3)
+    assert [p.id for p in single] == ["0", "1", "2"] and n == 0  # one file: ids as before
+
+
+@pytest.mark.parametrize("spec, needle", [("magpie", "how many"), ("a.jsonl:0", "limit"), ("+x.jsonl", "empty")])
+def test_seed_mix_bad_input(spec, needle):
+    from sd2.data import parse_seed_mix
+    from sd2.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        parse_seed_mix(spec)

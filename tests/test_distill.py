@@ -88,6 +88,11 @@ def test_distill_cli_bad_input(tiny_model_dir, seed_file, tmp_path):
         (["--prompts", str(tmp_path / "nope.jsonl")], "not found"),
         (["--prompts", str(seed_file), "--mode", "paraphrase"], "mode"),
         (["--prompts", str(seed_file), "--batch-size", "0"], "batch-size"),
+        (["--prompts", str(seed_file), "--store-topk", "8", "--mode", "reference"], "--store-topk 8"),
+        (["--prompts", str(seed_file), "--store-topk", "8", "--backend", "openai", "--base-url",
+          "http://127.0.0.1:9"], "--store-topk 8"),
+        (["--prompts", f"{seed_file}+magpie:2", "--mode", "rewrite"], "magpie"),
+        (["--prompts", f"{seed_file}+magpie"], "how many"),
     ]
     for args, needle in cases:
         res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--out", str(tmp_path / "o"), *args])

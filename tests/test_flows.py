@@ -228,6 +228,31 @@ def test_engine_gammas_in_the_report(harness, tiny_target, seed_file, eval_file)
     assert any(x.name.endswith("mal_vs_gamma.png") for x in files)
 
 
+def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harness, tiny_target, seed_file,
+                                                                             eval_file):
+    """The drafter-recipe shape (configs/drafter-smollm2.yaml): a seed mix, stored teacher logits, KD, a compact
+    draft head, packing, no prune sweep and no untuned baseline; its options are on the drafter's MLflow run."""
+    import mlflow
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+
+    cfg = _config(tiny_target, f"{seed_file}:6+{seed_file}:3", eval_file,
+                  name="recipe", distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, prune=False,
+                  untuned_baseline=False, register_champion=False)
+    rows = sd2_pipeline(cfg)
+    assert [r["drafter"] for r in rows] == ["dense-self-distilled"] and rows[0]["lossless"]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                             filter_string="attributes.run_name = 'dense-self-distilled'",
+                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert run["params.draft_vocab"] == "64" and run["params.train.loss"] == "kd"
+    assert run["params.distill.store_topk"] == "8"
+    model_dir = Path(run["tags.sd2.model_dir"])
+    assert json.loads((model_dir / "sd2_train.json").read_text())["kd_teacher"] == "stored"
+    assert len(json.loads((model_dir / "draft_vocab.json").read_text())["draft_ids"]) == 64
+
+
 def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target, seed_file):
     """Prefect's record of a stage outlives its output dir (deleted by hand, disk cleaned): the next run must
     rebuild the dir, not hand a dangling path to the next stage; afterwards the record is served again."""

@@ -63,3 +63,16 @@ def test_layer_pruned_drafter_eval_cli(tmp_path):
     assert res["n_prompts"] == 2 and res["lossless"] is True
     assert 1.0 <= res["mal"] <= 5.0
     assert 0.3 < res["cost_ratio"] < 0.6  # 11 of 30 layers plus the shared embeddings/lm_head
+
+
+def test_magpie_user_turns_from_the_real_chat_template(smol):
+    """The target writes finished, distinct user requests itself from its chat template's user prefix."""
+    from sd2.distill import user_prefix, user_turns
+
+    m, tok = smol
+    prefix = tok.decode(user_prefix(tok))
+    assert prefix.rstrip().endswith("user")  # SmolLM2: ...<|im_start|>user\n
+    turns = user_turns(m, tok, 4, batch_size=4, seed=0, max_new_tokens=64)
+    assert 1 <= len(turns) <= 4
+    assert len({t.text for t in turns}) == len(turns) and all(t.text.strip() for t in turns)
+    assert all(t.category == "magpie" and t.reference is None for t in turns)

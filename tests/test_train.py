@@ -64,11 +64,12 @@ def test_loss_decreases_and_output_is_plain_hf(tiny_model_dir, data_dir, tmp_pat
 
 def test_response_only_labels(tok300):
     ds = [{"prompt": "the quick fox", "response": "jumps"}]
-    (ex,), dropped = build_examples(ds, tok300, 64)
+    (ex,), counts = build_examples(ds, tok300, 64)
     n_prompt = len(tok300("the quick fox")["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["labels"][-1] == tok300.eos_token_id
-    assert build_examples(ds, tok300, 3)[1] == 1
+    (short,), counts = build_examples(ds, tok300, 6)  # a prompt over half of seq_len keeps its last tokens
+    assert counts["prompt_truncated"] == 1 and len(short["input_ids"]) == 6 and short["labels"][3:] != [-100] * 3
 
 
 def test_resume_continues_same_step_count(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -170,7 +171,8 @@ def test_train_bad_input(tiny_model_dir, data_dir, tmp_path):
         (["--data", str(nocol)], "missing column"),
         (["--data", str(data_dir), "--deepspeed", str(bad_json)], "invalid JSON"),
         (["--data", str(data_dir), "--num-gpus", "4"], "--cpu-fallback"),
-        (["--data", str(data_dir), "--seq-len", "8"], "--seq-len"),
+        (["--data", str(data_dir), "--draft-vocab", "1000000"], "--draft-vocab"),
+        (["--data", str(data_dir), "--loss", "kd", "--kd-teacher", "stored"], "--kd-teacher stored"),
         (["--data", str(data_dir), "--loss", "mse"], "loss"),
     ]
     for args, needle in cases:

@@ -1,0 +1,167 @@
+"""Draft vocabulary (FR-Spec; EAGLE-3's `d2t` map): the drafter's head keeps only the K target tokens that are
+most frequent in the distilled data. On the 576-wide SmolLM2 drafter the full 49,152-row head is ~42% of the
+drafter's MACs; a 8k-row head cuts that six-fold. The target still verifies every token, so decoding stays
+lossless; the drafter simply never proposes a token outside its vocabulary.
+
+On disk a drafter keeps a plain, full-size head (rows outside the draft vocabulary are zero) plus
+`draft_vocab.json` (the K token ids, in head order): plain transformers loads it as an `assistant_model`, and
+sd2 loads it with the compact head (so MACs and time count K rows).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd2.errors import UserError
+
+FILE = "draft_vocab.json"
+
+
+def check_size(k: int, vocab_size: int) -> None:
+    if not 1 <= k <= vocab_size:
+        raise UserError(f"--draft-vocab {k}: must be between 1 and the target's vocabulary size ({vocab_size}); "
+                        "try 8192, or 0 for the full head")
+
+
+def token_counts(ds, tok) -> Counter:
+    """How often each token appears in the responses (the target's own tokens when the data stores them)."""
+    counts: Counter = Counter()
+    ids_col = "response_ids" in ds.column_names
+    for row in ds:
+        counts.update(row["response_ids"] if ids_col else tok.encode(row["response"], add_special_tokens=False))
+    return counts
+
+
+def choose(counts: Counter, k: int, vocab_size: int, always: set[int] = frozenset()) -> list[int]:
+    """The K most frequent ids (the `always` ones — EOS — first); ties and unseen ids by lowest id (BPE gives low
+    ids to frequent merges). Sorted, so the map is a stable function of the data."""
+    check_size(k, vocab_size)
+    picked = [t for t in sorted(always) if 0 <= t < vocab_size][:k]
+    chosen = set(picked)
+    for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(picked) >= k:
+            break
+        if t not in chosen and 0 <= t < vocab_size:
+            picked.append(t)
+            chosen.add(t)
+    t = 0
+    while len(picked) < k:
+        if t not in chosen:
+            picked.append(t)
+        t += 1
+    return sorted(picked)
+
+
+def draft_ids(model) -> torch.Tensor | None:
+    """The draft vocabulary of a model loaded with its compact head (None: full head)."""
+    return getattr(model, "sd2_draft_ids", None)
+
+
+def compact_head(model, ids: list[int]) -> nn.Module:
+    """Replace the output head by its rows `ids` (untied from the input embeddings)."""
+    full = model.get_output_embeddings()
+    check_size(len(ids), full.weight.shape[0])
+    head = nn.Linear(full.weight.shape[1], len(ids), bias=False, device=full.weight.device, dtype=full.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(full.weight[torch.tensor(ids, device=full.weight.device)])
+    model.set_output_embeddings(head)
+    _untie(model)
+    model.sd2_draft_ids = torch.tensor(ids, dtype=torch.long)
+    model.sd2_full_vocab = full.weight.shape[0]
+    return model
+
+
+class _Widened(nn.Module):
+    """A compact head seen as a full-vocabulary one: logits 0 outside the draft vocabulary (the zero rows of the
+    saved head), the compact GEMM (dense or packed) inside."""
+
+    def __init__(self, compact: nn.Module, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.compact, self.vocab_size = compact, vocab_size
+        self.register_buffer("ids", ids.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.compact(x)
+        out = y.new_zeros((*y.shape[:-1], self.vocab_size))
+        out[..., self.ids.to(y.device)] = y
+        return out
+
+
+@contextmanager
+def wide_head(model):
+    """Temporarily give a compact-head model a full-vocabulary head, computing what plain transformers computes
+    with the saved drafter (zero rows outside the draft vocabulary), e.g. as HF's `assistant_model`."""
+    ids = draft_ids(model)
+    if ids is None:
+        yield model
+        return
+    compact = model.get_output_embeddings()
+    model.set_output_embeddings(_Widened(compact, ids, model.sd2_full_vocab))
+    try:
+        yield model
+    finally:
+        model.set_output_embeddings(compact)
+
+
+def _untie(model) -> None:
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+
+
+def full_logits(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Compact-head logits [..., K] → full-vocabulary logits [..., V] with -inf outside the draft vocabulary."""
+    out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    out[..., ids.to(logits.device)] = logits
+    return out
+
+
+def to_draft(ids: torch.Tensor, dmap: torch.Tensor, vocab_size: int, missing: int = -100) -> torch.Tensor:
+    """Target ids → draft-head indices (`missing` for ids outside the draft vocabulary); other negatives stay."""
+    t2d = torch.full((vocab_size,), missing, dtype=torch.long, device=ids.device)
+    t2d[dmap.to(ids.device)] = torch.arange(len(dmap), device=ids.device)
+    return torch.where(ids >= 0, t2d[ids.clamp(min=0)], ids)
+
+
+def save(out: Path, ids: list[int], vocab_size: int, source: dict | None = None) -> None:
+    """Write the map beside saved weights and widen the saved head back to the full vocabulary (zero rows
+    outside it), so the folder is a plain transformers model."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    files = sorted(out.glob("*.safetensors"))
+    for f in files:
+        tensors = load_file(str(f))
+        key = next((k for k in tensors if k.endswith("lm_head.weight")), None)
+        if key is None or tensors[key].shape[0] == vocab_size:
+            continue
+        head = tensors[key]
+        wide = head.new_zeros((vocab_size, head.shape[1]))
+        wide[torch.tensor(ids)] = head
+        tensors[key] = wide
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tie_word_embeddings"] = False
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"]["tie_word_embeddings"] = False
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+    (out / FILE).write_text(json.dumps({"draft_ids": list(map(int, ids)), "vocab_size": vocab_size,
+                                        "size": len(ids), **(source or {})}))
+
+
+def load(path: Path) -> list[int] | None:
+    f = Path(path) / FILE
+    if not f.is_file():
+        return None
+    meta = json.loads(f.read_text())
+    ids = meta.get("draft_ids")
+    if not isinstance(ids, list) or not ids or len(set(ids)) != len(ids):
+        raise UserError(f"{f}: corrupt draft vocabulary (expected a list of distinct token ids)")
+    return ids
