@@ -30,13 +30,15 @@ def _row(name: str, drafter: str, args) -> dict:
     common = dict(target=args.target, drafter=drafter, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                   threads=args.threads, replay_gammas=[args.gamma])
     spec, _ = run_eval(EvalConfig(**common, limit=args.limit, replay_limit=args.replay_limit), progress=False)
-    held, _ = run_eval(EvalConfig(**common, prompts=args.heldout, limit=1), progress=False)
+    held, _ = run_eval(EvalConfig(**common, prompts=args.heldout, limit=1, replay_limit=args.heldout_limit),
+                       progress=False)
     rs, rh = spec["replay"]["gammas"][str(args.gamma)], held["replay"]["gammas"][str(args.gamma)]
     train = Path(drafter) / "sd2_train.json"
     info = json.loads(train.read_text()) if train.exists() else {}
     return {"drafter": name, "path": drafter, "mal": rs["mal"], "mal_ci95": rs["mal_ci95"],
             "acceptance_rate": rs["acceptance_rate"], "per_position": rs["per_position_acceptance"],
             "heldout_mal": rh["mal"], "heldout_ci95": rh["mal_ci95"], "cost_ratio": spec["cost_ratio"],
+            "per_category": rs["per_category"], "heldout_per_category": rh["per_category"],
             "engine_mal": spec["mal"], "speedup": spec["speedup"], "predicted_speedup": spec.get("predicted_speedup"),
             "drafter_time_ratio": spec.get("drafter_time_ratio"), "lossless": spec["lossless"],
             "n_replay": spec["replay"]["n_prompts"], "n_heldout": held["replay"]["n_prompts"],
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=13, help="timed speculative runs (one per Spec-Bench category)")
     ap.add_argument("--replay-limit", type=int, default=65, help="Spec-Bench prompts of the replayed MAL")
     ap.add_argument("--heldout", default=str(HELDOUT))
+    ap.add_argument("--heldout-limit", type=int, default=26, help="held-out prompts of the replayed MAL")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

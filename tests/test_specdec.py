@@ -67,18 +67,24 @@ def _tv(emp: dict, exact: dict, n: int) -> float:
     return 0.5 * sum(abs(emp.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
 
 
+def sampled_tv(target, drafter, n: int = 3000, temperature: float = 1.0) -> float:
+    """TV distance between n two-token speculative samples and the target's exact two-token distribution."""
+    exact = _exact_two_token_dist(target, [1, 2, 3], temperature)
+    spec = SpecDecoder(target, drafter, gamma=3, temperature=temperature)
+    emp: dict = {}
+    for s in range(n):
+        toks = tuple(spec.generate([1, 2, 3], 2, seed=s).tokens)
+        emp[toks] = emp.get(toks, 0) + 1
+    return _tv(emp, exact, n)
+
+
 def test_sampling_follows_target_distribution():
-    V, T, N = 6, 1.0, 3000
+    V, T = 6, 1.0
     t = make_llama(V, seed=5, eos=None, hidden=16, std=0.6)
     d = make_llama(V, seed=6, eos=None, hidden=16, std=0.6)
     exact = _exact_two_token_dist(t, [1, 2, 3], T)
     drafter_dist = _exact_two_token_dist(d, [1, 2, 3], T)
-    spec = SpecDecoder(t, d, gamma=3, temperature=T)
-    emp: dict = {}
-    for s in range(N):
-        toks = tuple(spec.generate([1, 2, 3], 2, seed=s).tokens)
-        emp[toks] = emp.get(toks, 0) + 1
-    tv_spec = _tv(emp, exact, N)
+    tv_spec = sampled_tv(t, d, temperature=T)
     tv_drafter = 0.5 * sum(abs(drafter_dist[k] - exact[k]) for k in exact)
     assert tv_drafter > 0.2, "drafter must differ from the target for the test to mean something"
     assert tv_spec < 0.06, f"speculative samples deviate from the target: TV={tv_spec:.3f}"
