@@ -298,9 +298,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
                        "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds})
-        drafters = [DrafterSpec(name="derived-untuned", path=base, params={**common, "kind": "untuned",
-                                                                           "train.steps": 0})]
-        drafters = drafters if cfg.untuned_baseline else []
+        drafters = [DrafterSpec(name="derived-untuned", path=base, params={
+            **common, "kind": "untuned", "train.steps": 0})] if cfg.untuned_baseline else []
         drafters.append(DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"}))
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
             ref = self_distill(cfg.target, seeds, cfg.distill_settings("reference"))

@@ -174,7 +174,7 @@ class DistillSettings(DevicePlacement):
         "none", description="CPU numeric path of in-process generation: fp16 = fbgemm fp16-packed GEMMs (faster; "
         "the numbers of `sd2 eval`'s default lean-fp16 path)")
     max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds whose chat-templated prompt is longer "
-                                          "(prefill costs as much as generation on a CPU; counted as too_long)")
+                                          "(prefill costs as much as generation on a CPU; counted as too_long_skipped)")
     store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits at every generated token "
                             "(KD without rerunning the target; 0 = off; hf backend)")
     workers: int = Field(1, ge=1, description="in-process generation workers over disjoint shards (hf backend); "

@@ -193,13 +193,17 @@ def _check_seeds(cfg: DistillConfig, work: Path | None = None) -> tuple[list[Pro
                             f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
     if work is not None and (work / "magpie.jsonl").exists():
         prompts += [Prompt(**json.loads(line)) for line in (work / "magpie.jsonl").read_text().splitlines()]
-    if cfg.max_prompt_tokens and prompts:
-        from sd2.models import load_tokenizer
-
-        tok = load_tokenizer(cfg.target, trust_remote_code=cfg.load.trust_remote_code)
-        prompts = [p for p in prompts
-                   if len(encode_prompt(tok, request_text(p, cfg.mode))) <= cfg.max_prompt_tokens]
     return prompts, n_magpie
+
+
+def _fitting(cfg: DistillConfig, prompts: list[Prompt]) -> list[Prompt]:
+    """The seeds whose chat-templated request fits --max-prompt-tokens (all of them without it)."""
+    if not cfg.max_prompt_tokens or not prompts:
+        return prompts
+    from sd2.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.target, trust_remote_code=cfg.load.trust_remote_code)
+    return [p for p in prompts if len(encode_prompt(tok, request_text(p, cfg.mode))) <= cfg.max_prompt_tokens]
 
 
 def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
@@ -207,7 +211,9 @@ def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
     if n == 0 or (work / "magpie.jsonl").exists():
         return
     if gen is None:
-        gen, _, _ = _generator(cfg, type(where)(where.workers[0], where.dtype))
+        from sd2.device import Placement
+
+        gen, _, _ = _generator(cfg, Placement(where.workers[0], where.dtype))
     with torch_threads(cfg.threads):
         turns = gen.user_turns(n, cfg.seed + 7_919)
     log.info("magpie: the target wrote %d seed requests", len(turns))
@@ -298,7 +304,7 @@ def _worker(cfg_json: str, shards: str, shard_ids: list[int], device: str, dtype
     from sd2.device import Placement
 
     cfg = DistillConfig.model_validate_json(cfg_json)
-    prompts, _ = _check_seeds(cfg, Path(shards).parent)
+    prompts = _fitting(cfg, _check_seeds(cfg, Path(shards).parent)[0])
     gen, _, _ = _generator(cfg, Placement(device, dtype))
     with torch_threads(cfg.threads):
         return _run_shards(cfg, prompts, Path(shards), gen, shard_ids, tqdm(disable=True))
@@ -393,7 +399,9 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     shards = _open_work(out, key)
     t0 = time.perf_counter()
     _magpie_seeds(cfg, gen, shards.parent, n_magpie, where)
-    prompts, _ = _check_seeds(cfg, shards.parent)
+    seeds, _ = _check_seeds(cfg, shards.parent)
+    prompts = _fitting(cfg, seeds)
+    info["too_long_skipped"] = len(seeds) - len(prompts)
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
     if many:
@@ -402,5 +410,4 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         with torch_threads(cfg.threads):
             gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), bar)
     bar.close()
-    info["too_long_skipped"] = len(load_seed_mix(cfg.prompts, cfg.limit)[0]) + n_magpie - len(prompts)
     return _finish(cfg, out, shards, key, info, len(prompts), gen_tokens, time.perf_counter() - t0)

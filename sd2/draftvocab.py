@@ -29,10 +29,11 @@ def check_size(k: int, vocab_size: int) -> None:
                         "try 8192, or 0 for the full head")
 
 
-def token_counts(ds, tok) -> Counter:
-    """How often each token appears in the responses (the target's own tokens when the data stores them)."""
+def token_counts(ds, tok, use_ids: bool = True) -> Counter:
+    """How often each token appears in the responses: the target's own ids when the data stores them and `use_ids`
+    (same tokenizer), else the responses tokenized with `tok`."""
     counts: Counter = Counter()
-    ids_col = "response_ids" in ds.column_names
+    ids_col = use_ids and "response_ids" in ds.column_names
     for row in ds:
         counts.update(row["response_ids"] if ids_col else tok.encode(row["response"], add_special_tokens=False))
     return counts
@@ -87,10 +88,7 @@ class _Widened(nn.Module):
         self.register_buffer("ids", ids.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.compact(x)
-        out = y.new_zeros((*y.shape[:-1], self.vocab_size))
-        out[..., self.ids.to(y.device)] = y
-        return out
+        return full_logits(self.compact(x), self.ids, self.vocab_size, fill=0.0)
 
 
 @contextmanager
@@ -115,11 +113,21 @@ def _untie(model) -> None:
             cfg.tie_word_embeddings = False
 
 
-def full_logits(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Compact-head logits [..., K] → full-vocabulary logits [..., V] with -inf outside the draft vocabulary."""
-    out = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+def full_logits(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, fill: float = float("-inf")
+                ) -> torch.Tensor:
+    """Compact-head logits [..., K] → full-vocabulary logits [..., V], `fill` outside the draft vocabulary (-inf:
+    never proposed; 0: what the saved zero rows give)."""
+    out = logits.new_full((*logits.shape[:-1], vocab_size), fill)
     out[..., ids.to(logits.device)] = logits
     return out
+
+
+def to_full(model):
+    """logits ↦ full-vocabulary logits for this model's head: identity for a full head."""
+    ids = draft_ids(model)
+    if ids is None:
+        return lambda logits: logits
+    return lambda logits: full_logits(logits, ids, model.sd2_full_vocab)
 
 
 def to_draft(ids: torch.Tensor, dmap: torch.Tensor, vocab_size: int, missing: int = -100) -> torch.Tensor:

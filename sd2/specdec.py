@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from sd2.device import synchronize
-from sd2.draftvocab import draft_ids, full_logits, wide_head
+from sd2.draftvocab import to_full, wide_head
 
 
 @dataclass
@@ -156,7 +156,7 @@ class _SameVocabProposer:
         self.d = cached(drafter, capacity)
         self.eos, self.temperature, self.gen = eos, temperature, gen
         self.threshold = threshold
-        self.draft_ids, self.vocab_size = draft_ids(drafter), getattr(drafter, "sd2_full_vocab", None)
+        self.full = to_full(drafter)  # a compact draft head's logits, placed in the full vocabulary
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
         if len(self.d.ids) >= len(ids):
@@ -165,10 +165,8 @@ class _SameVocabProposer:
         qs: list[torch.Tensor] = []
         seq = list(ids)
         for _ in range(n):
-            logits = self.d.forward(seq, keep=1)[-1]
-            if self.draft_ids is not None:  # compact head: its K logits, placed in the full vocabulary
-                logits = full_logits(logits, self.draft_ids, self.vocab_size)
-            tok, q = _draft_token(logits, self.temperature, self.gen, self.threshold)
+            tok, q = _draft_token(self.full(self.d.forward(seq, keep=1)[-1]), self.temperature, self.gen,
+                                  self.threshold)
             if tok is None:
                 break
             if q is not None:
@@ -196,7 +194,7 @@ class _CrossVocabProposer:
         self.deos = eos_ids(drafter, drafter_tok)
         self.target_eos = target_eos
         self.temperature, self.gen = temperature, gen
-        self.draft_ids, self.vocab_size = draft_ids(drafter), getattr(drafter, "sd2_full_vocab", None)
+        self.full = to_full(drafter)
         self.drafter_tokens = 0  # drafter tokens of the final text, for the cross-tokenizer cost ratio
 
     def _drafter_ids(self, ids: list[int]) -> list[int]:
@@ -209,10 +207,8 @@ class _CrossVocabProposer:
         drafts: list[int] = []
         ended = False
         for _ in range(n):
-            logits = self.d.forward(seq, keep=1)[-1]
-            if self.draft_ids is not None:
-                logits = full_logits(logits, self.draft_ids, self.vocab_size)
-            tok, _ = _draft_token(logits, self.temperature, self.gen, self.threshold)
+            tok, _ = _draft_token(self.full(self.d.forward(seq, keep=1)[-1]), self.temperature, self.gen,
+                                  self.threshold)
             if tok is None:
                 break
             if tok in self.deos:

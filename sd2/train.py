@@ -101,11 +101,10 @@ class Collator:
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-            if k:
-                for j, (ti, tl) in enumerate(zip(b["topk_ids"], b["topk_logits"])):
-                    if ti is not None:
-                        out["topk_ids"][i, j] = torch.tensor(ti)
-                        out["topk_logits"][i, j] = torch.tensor(tl)
+            rows = [j for j, r in enumerate(b.get("topk_ids", [])) if r is not None]
+            if k and rows:
+                out["topk_ids"][i, rows] = torch.tensor([b["topk_ids"][j] for j in rows])
+                out["topk_logits"][i, rows] = torch.tensor([b["topk_logits"][j] for j in rows])
         return out
 
 
@@ -429,8 +428,8 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         log.info("%d prompt(s) longer than half of --seq-len %d kept their last tokens", counts["prompt_truncated"],
                  cfg.seq_len)
     if cfg.draft_vocab and draftvocab.draft_ids(model) is None:
-        ids = draftvocab.choose(draftvocab.token_counts(ds, tok) if same_tok else _retokenized_counts(ds, tok),
-                                cfg.draft_vocab, model.get_output_embeddings().weight.shape[0],
+        ids = draftvocab.choose(draftvocab.token_counts(ds, tok, use_ids=same_tok), cfg.draft_vocab,
+                                model.get_output_embeddings().weight.shape[0],
                                 always={tok.eos_token_id} if tok.eos_token_id is not None else set())
         draftvocab.compact_head(model, ids)
         log.info("draft vocabulary: %d of %d tokens", len(ids), model.sd2_full_vocab)
@@ -507,12 +506,6 @@ def _same_tokenizer_as_data(data: Path, tok) -> bool:
         return same_tokenizer(tok, load_tokenizer(target))
     except UserError:
         return False
-
-
-def _retokenized_counts(ds, tok):
-    from collections import Counter
-
-    return Counter(t for row in ds for t in tok.encode(row["response"], add_special_tokens=False))
 
 
 def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, counts: dict, out: Path,
