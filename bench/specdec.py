@@ -37,6 +37,7 @@ from sd2.evaluate import apply_fast_path, measure_costs  # noqa: E402
 from sd2.fastpath import pack_fp16  # noqa: E402
 from sd2.models import load_model, save_model, sd2_home  # noqa: E402
 from sd2.prune.layers import keep_layers  # noqa: E402
+from sd2.eagle import is_feature_drafter  # noqa: E402
 from sd2.specdec import DecodeResult, SpecDecoder, hf_assisted_generate  # noqa: E402
 
 
@@ -99,14 +100,17 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
     for name in drafters:
         runs[f"sd2_spec[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok):
                                      s.generate(ids, n))
-        runs[f"hf_assisted[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
-            hf_t, d, ids, gamma=args.gamma, max_new_tokens=n))
+        hf_ok = not is_feature_drafter(drafters[name])  # HF's assistant API cannot pass the target's features
+        if hf_ok:
+            runs[f"hf_assisted[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
+                hf_t, d, ids, gamma=args.gamma, max_new_tokens=n))
         if args.draft_threshold and ds[name] is not t:  # dynamic draft length: sd2's rule vs HF's own
             runs[f"sd2_dyn[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok,
                                                                   draft_threshold=args.draft_threshold):
                                         s.generate(ids, n))
-            runs[f"hf_dyn[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
-                hf_t, d, ids, gamma=args.gamma, max_new_tokens=n, confidence_threshold=args.draft_threshold))
+            if hf_ok:
+                runs[f"hf_dyn[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
+                    hf_t, d, ids, gamma=args.gamma, max_new_tokens=n, confidence_threshold=args.draft_threshold))
     for fn in runs.values():  # warm-up
         fn(prompts[0][:32])
     tps: dict[str, list[float]] = {k: [] for k in runs}
@@ -137,7 +141,8 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
         mal = metrics.mal(last[f"sd2_spec[{name}]"])
         spec = med[f"sd2_spec[{name}]"]
         out["drafters"][name] = {
-            "mal": mal, "mal_hf_assisted": metrics.mal(last[f"hf_assisted[{name}]"]), "cost_ratio_macs": c[name],
+            "mal": mal, "mal_hf_assisted": _or_none(lambda: metrics.mal(last[f"hf_assisted[{name}]"])),
+            "cost_ratio_macs": c[name],
             "drafter_time_ratio": cost["drafter_time_ratio"], "verify_cost_ratio": cost["verify_cost_ratio"],
             "time_over_macs": cost["drafter_time_ratio"] / c[name],
             "theoretical_speedup": metrics.theoretical_speedup(mal, args.gamma, c[name]),
@@ -145,18 +150,30 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
                                                            cost["verify_cost_ratio"]),
             "measured_speedup": spec / med["sd2_target_only"],
             "measured_decode_speedup": dmed[f"sd2_spec[{name}]"] / dmed["sd2_target_only"],
-            "sd2_vs_hf_assisted": spec / med[f"hf_assisted[{name}]"],
+            "sd2_vs_hf_assisted": _or_none(lambda: spec / med[f"hf_assisted[{name}]"]),
             "lossless": [x.tokens for x in last[f"sd2_spec[{name}]"]] == ref}
         if f"sd2_dyn[{name}]" in med:
             out["drafters"][name]["dynamic"] = {
                 "threshold": args.draft_threshold, "mal_sd2": metrics.mal(last[f"sd2_dyn[{name}]"]),
-                "mal_hf": metrics.mal(last[f"hf_dyn[{name}]"]),
+                "mal_hf": _or_none(lambda: metrics.mal(last[f"hf_dyn[{name}]"])),
                 "speedup_sd2": med[f"sd2_dyn[{name}]"] / med["sd2_target_only"],
-                "speedup_hf_vs_hf_greedy": med[f"hf_dyn[{name}]"] / med["hf_greedy"],
-                "sd2_vs_hf": med[f"sd2_dyn[{name}]"] / med[f"hf_dyn[{name}]"],
+                "speedup_hf_vs_hf_greedy": _or_none(lambda: med[f"hf_dyn[{name}]"] / med["hf_greedy"]),
+                "sd2_vs_hf": _or_none(lambda: med[f"sd2_dyn[{name}]"] / med[f"hf_dyn[{name}]"]),
                 "lossless": [x.tokens for x in last[f"sd2_dyn[{name}]"]] == ref}
     out["tokens_per_s_median"] = med
     return out
+
+
+def _or_none(fn):
+    """A comparison with HF assisted generation, or None where HF cannot run the drafter (feature drafters)."""
+    try:
+        return fn()
+    except KeyError:
+        return None
+
+
+def _x(v, fmt: str = ".2f") -> str:
+    return "–" if v is None else f"{v:{fmt}}×"
 
 
 def table(report: dict) -> str:
@@ -170,14 +187,15 @@ def table(report: dict) -> str:
                          f"{p['decode_ms_per_token_hf_greedy']:.1f}) | {d['drafter_time_ratio']:.3f} "
                          f"({d['cost_ratio_macs']:.3f}) | {d['mal']:.2f} | {d['predicted_speedup']:.2f}× | "
                          f"{d['measured_speedup']:.2f}× ({d['measured_decode_speedup']:.2f}×) | "
-                         f"{d['sd2_vs_hf_assisted']:.2f}× | {d['lossless']} |")
+                         f"{_x(d['sd2_vs_hf_assisted'])} | {d['lossless']} |")
     dyn = [(p["path"], name, d["dynamic"]) for p in report["paths"] for name, d in p["drafters"].items()
            if "dynamic" in d]
     if dyn:
         lines += ["", "| path | drafter | threshold | MAL sd2 / HF | sd2 speedup vs sd2 target-only | "
                   "HF dynamic vs HF greedy | sd2 ÷ HF (dynamic) | lossless |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {path} | {name} | {x['threshold']} | {x['mal_sd2']:.2f} / {x['mal_hf']:.2f} | "
-                  f"{x['speedup_sd2']:.2f}× | {x['speedup_hf_vs_hf_greedy']:.2f}× | {x['sd2_vs_hf']:.2f}× | "
+        lines += [f"| {path} | {name} | {x['threshold']} | {x['mal_sd2']:.2f} / "
+                  f"{'–' if x['mal_hf'] is None else format(x['mal_hf'], '.2f')} | "
+                  f"{x['speedup_sd2']:.2f}× | {_x(x['speedup_hf_vs_hf_greedy'])} | {_x(x['sd2_vs_hf'])} | "
                   f"{x['lossless']} |" for path, name, x in dyn]
     return "\n".join(lines)
 

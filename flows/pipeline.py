@@ -61,9 +61,11 @@ def self_distill(target: str, prompts: str, settings: DistillSettings = DistillS
 
 
 @flow(name="train-drafter", log_prints=True)
-def train_drafter(init: str, data: str, settings: TrainSettings = TrainSettings()) -> str:
-    """Fine-tune a drafter (dense or sparse: masks are kept) on distilled data; returns the model dir."""
-    return train_task(init, data, settings)
+def train_drafter(init: str, data: str, settings: TrainSettings = TrainSettings(),
+                  extra_data: str | None = None) -> str:
+    """Fine-tune a drafter (dense or sparse: masks are kept) on distilled data (+ `extra_data`); returns the model
+    dir."""
+    return train_task(init, data, settings, extra_data=extra_data)
 
 
 def _run_cell(model: str, data: str, prune: PruneSettings, train: TrainSettings | None) -> dict:
@@ -286,21 +288,30 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
     try:
         data = self_distill(cfg.target, seeds, cfg.distill_settings())
         base_model = cfg.drafter_base or cfg.target
-        base = derive_task(base_model, cfg.derive_settings())
-        dense = train_drafter(base, data, cfg.train_settings())
+        # a feature drafter is built from the target inside training; other drafters start from a layer slice
+        base = cfg.target if cfg.feature_drafter else derive_task(base_model, cfg.derive_settings())
+        # seed answers as more training text (teacher-forced: a feature drafter learns the target's logits on it)
+        extra = self_distill(cfg.target, cfg.reference_seeds, cfg.distill_settings("reference")) \
+            if cfg.reference_seeds else None
+        dense = train_drafter(base, data, cfg.train_settings(), extra_data=extra)
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
-        common = {"init": base_model, "layers": cfg.drafter_layers, "train.steps": cfg.train_steps,
+        common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,
+                  "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
-                       "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds})
+                       "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds,
+                       "train.feature_drafter": cfg.feature_drafter, "train.feature_noise": cfg.feature_noise,
+                       "train.feature_reads": cfg.feature_reads, "train.feature_unroll": cfg.feature_unroll,
+                       "train.reference_seeds": cfg.reference_seeds})
         drafters = [DrafterSpec(name="derived-untuned", path=base, params={
-            **common, "kind": "untuned", "train.steps": 0})] if cfg.untuned_baseline else []
-        drafters.append(DrafterSpec(name="dense-self-distilled", path=dense, params={**common, "kind": "dense"}))
+            **common, "kind": "untuned", "train.steps": 0})] if cfg.untuned_baseline and not cfg.feature_drafter else []
+        kind = "feature" if cfg.feature_drafter else "dense"
+        drafters.append(DrafterSpec(name=f"{kind}-self-distilled", path=dense, params={**common, "kind": kind}))
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
             ref = self_distill(cfg.target, seeds, cfg.distill_settings("reference"))
             sft = train_drafter(base, ref, cfg.train_settings(loss="sft"))

@@ -152,9 +152,11 @@ def distill_cmd(
 @app.command("train")
 @_cli
 def train_cmd(
-    init: str = typer.Option(..., help="drafter to start from (model SPEC); its zeros are kept"),
+    init: str = typer.Option(..., help="drafter to start from (model SPEC; its zeros are kept), or the target with "
+                             "--feature-drafter"),
     data: Path = typer.Option(..., help="dataset dir from `sd2 distill`"),
     out: Path = typer.Option(..., help="output model dir"),
+    extra_data: Optional[list[Path]] = typer.Option(None, help="more dataset dirs to train on (repeatable)"),
     max_steps: int = typer.Option(200),
     lr: float = typer.Option(1e-4),
     batch_size: int = typer.Option(8),
@@ -169,6 +171,18 @@ def train_cmd(
     kd_teacher: str = typer.Option("auto", help="auto | stored (top-k logits kept by distill --store-topk) | live"),
     draft_vocab: int = typer.Option(0, help="compact head over the K most frequent tokens of the data (0 = full)"),
     freeze_embeddings: bool = typer.Option(False, help="keep the input embeddings fixed"),
+    feature_drafter: bool = typer.Option(False, help="EAGLE-style drafter reading the target's hidden states "
+                                         "(--init is then the target)"),
+    feature_layer: int = typer.Option(-1, help="feature drafter: target layer its layers are copied from"),
+    feature_layers: int = typer.Option(1, help="feature drafter: decoder layers"),
+    feature_reads: str = typer.Option("-1", help="feature drafter: target layers it reads, e.g. '4,15,-1' "
+                                      "(-1 = the final normed state)"),
+    feature_weight: float = typer.Option(1.0, help="feature drafter: weight of the feature-regression loss"),
+    feature_noise: float = typer.Option(0.0, help="feature drafter: noise std on input features in training"),
+    feature_unroll: bool = typer.Option(False, help="feature drafter: train the second draft step on its own feature"),
+    feature_freeze: bool = typer.Option(False, help="feature drafter: keep its embeddings and head (the target's)"),
+    feature_dtype: str = typer.Option("auto", help="feature drafter: precision of the target's feature pass "
+                                      "(auto | float32 | bfloat16)"),
     curve_dir: Optional[Path] = typer.Option(None, help="also write the drafter at every save step here"),
     save_steps: int = typer.Option(100, help="checkpoint every N steps"),
     resume: bool = typer.Option(False, help="continue from the last checkpoint of an unfinished run"),
@@ -185,12 +199,16 @@ def train_cmd(
     from sd2.config import TrainConfig
     from sd2.train import train
 
-    cfg = TrainConfig.build(init=init, data=data, out=out, max_steps=max_steps, lr=lr, batch_size=batch_size,
+    cfg = TrainConfig.build(init=init, data=data, out=out, extra_data=extra_data or [], max_steps=max_steps, lr=lr,
+                            batch_size=batch_size,
                             grad_accum=grad_accum, seq_len=seq_len, warmup_ratio=warmup_ratio,
                             weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
                             kd_divergence=kd_divergence, kd_teacher=kd_teacher, draft_vocab=draft_vocab,
                             freeze_embeddings=freeze_embeddings, curve_dir=curve_dir, save_steps=save_steps,
-                            resume=resume,
+                            feature_drafter=feature_drafter, feature_layer=feature_layer,
+                            feature_layers=feature_layers, feature_unroll=feature_unroll,
+                            feature_reads=feature_reads, feature_dtype=feature_dtype, feature_freeze=feature_freeze,
+                            feature_weight=feature_weight, feature_noise=feature_noise, resume=resume,
                             deepspeed=deepspeed,
                             num_gpus=num_gpus, cpu_fallback=cpu_fallback, seed=seed, threads=threads,
                             overwrite=overwrite, device=device, dtype=dtype)

@@ -211,6 +211,33 @@ class TrainSettings(DevicePlacement):
     draft_vocab: int = Field(0, ge=0, description="compact drafter head over the K most frequent tokens of the data "
                              "(0 = full head); the map is saved beside the weights")
     freeze_embeddings: bool = Field(False, description="keep the input embeddings fixed (the target's own)")
+    feature_drafter: bool = Field(False, description="train a feature drafter (EAGLE-style: one layer reading the "
+                                  "target's hidden states; --init is then the target)")
+    feature_layer: int = Field(-1, description="feature drafter: the target layer its layers are copied from")
+    feature_layers: int = Field(1, ge=1, description="feature drafter: decoder layers (EAGLE uses one)")
+    feature_reads: list[int] = Field(default_factory=lambda: [-1], min_length=1, description="feature drafter: "
+                                     "target layers it reads (-1 = the final normed state; several = EAGLE-3's "
+                                     "low/mid/high features, e.g. [4, 15, -1])")
+
+    @field_validator("feature_reads", mode="before")
+    @classmethod
+    def _reads(cls, v):
+        if isinstance(v, str):
+            try:
+                v = [int(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError("layer indices separated by commas, e.g. '4,15,-1'") from None
+        return v
+    feature_weight: float = Field(1.0, ge=0, description="feature drafter: weight of the feature-regression loss")
+    feature_noise: float = Field(0.0, ge=0, description="feature drafter: Gaussian noise (std) on the input "
+                                 "features while training, so drafts made from its own features hold up")
+    feature_unroll: bool = Field(False, description="feature drafter: also train the second draft step on the "
+                                 "drafter's own feature (training-time test, EAGLE-3)")
+    feature_freeze: bool = Field(False, description="feature drafter: keep its embeddings and head fixed (the "
+                                 "target's own, as EAGLE does): only its layer and feature mixer train")
+    feature_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="feature drafter: precision of the target's feature pass (auto: bf16 on GPUs and on "
+        "CPUs with AVX-512 BF16, else fp32)")
     save_steps: int = Field(100, ge=1)
     deepspeed: Path | None = None
     num_gpus: int = Field(1, ge=1, description="processes to launch; >1 runs torchrun/deepspeed as a subprocess")
@@ -228,6 +255,8 @@ class TrainConfig(TrainSettings):
     out: Path
     resume: bool = False
     overwrite: bool = False
+    extra_data: list[Path] = Field(default_factory=list, description="more dataset dirs trained on with --data "
+                                   "(e.g. seed answers from `sd2 distill --mode reference` for a feature drafter)")
     curve_dir: Path | None = Field(None, description="also write the drafter at every save step here (step-N/), "
                                    "for learning curves")
 
@@ -357,6 +386,19 @@ class PipelineConfig(_Base):
                              "the distilled data (0 = the full head)")
     freeze_embeddings: bool = Field(False, description="keep the drafter's input embeddings fixed")
     packing: bool = Field(False, description="pack training examples into full seq_len blocks")
+    feature_drafter: bool = Field(False, description="train an EAGLE-style feature drafter (one layer reading the "
+                                  "target's hidden states, built from the target) instead of a drafter cut from "
+                                  "drafter_layers; a drafter recipe (prune: false)")
+    feature_noise: float = Field(0.0, ge=0, description="feature drafter: noise std on its input features while "
+                                 "training")
+    feature_reads: list[int] = Field(default_factory=lambda: [-1], min_length=1, description="feature drafter: "
+                                     "target layers it reads (-1 = the final normed state; e.g. [3, 15, -1])")
+    feature_unroll: bool = Field(False, description="feature drafter: also train its second draft step on its own "
+                                 "feature (training-time test)")
+    reference_seeds: str | None = Field(None, description="seeds whose own reference answers are added to the "
+                                        "training text (e.g. 'dolly-15k-subset.jsonl:1952+gsm8k_train.jsonl:2500'); "
+                                        "cheap data for a feature drafter, whose teacher is the target's logits on "
+                                        "any text")
     distill_limit: int | None = Field(None, ge=1)
     distill_max_new_tokens: int | None = Field(None, ge=1)
     distill_batch_size: int | None = Field(None, ge=1)
@@ -367,6 +409,15 @@ class PipelineConfig(_Base):
     calib_samples: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)
     eval_max_new_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _feature_drafter_recipe(self) -> "PipelineConfig":
+        if self.feature_drafter and self.prune:
+            raise ValueError("feature_drafter: the prune sweep needs a drafter cut from the target's layers; set "
+                             "prune: false (a feature drafter is one layer already)")
+        if self.feature_drafter and self.drafter_base:
+            raise ValueError("feature_drafter: a feature drafter is built from the target itself; drop drafter_base")
+        return self
 
     def resolved(self) -> "PipelineConfig":
         """Fill every None with the profile's value."""
@@ -393,7 +444,9 @@ class PipelineConfig(_Base):
         return TrainSettings(max_steps=steps, batch_size=self.train_batch_size, seq_len=self.seq_len, lr=self.lr,
                              threads=self.threads, save_steps=steps, device=self.device, dtype=self.dtype,
                              loss=loss or self.train_loss, draft_vocab=self.draft_vocab,
-                             freeze_embeddings=self.freeze_embeddings, packing=self.packing)
+                             freeze_embeddings=self.freeze_embeddings, packing=self.packing,
+                             feature_drafter=self.feature_drafter, feature_noise=self.feature_noise,
+                             feature_reads=self.feature_reads, feature_unroll=self.feature_unroll)
 
     def derive_settings(self) -> "LayerPruneSettings":
         return LayerPruneSettings(keep_layers=self.drafter_layers, dtype=self.dtype)

@@ -18,6 +18,7 @@ from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.draftvocab import draft_ids
+from sd2.eagle import feature_layers, is_feature_drafter
 from sd2.errors import UserError
 from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
 from sd2.fastpath import pack_fp16, require_cpu
@@ -140,6 +141,48 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
     return res
 
 
+def _replayer(target, drafter, prompt: list[int], tokens: list[int], max_new_tokens: int, eos: set[int]):
+    """γ ↦ the replayed DecodeResult of one prompt: from teacher-forced matches (token drafters) or by running a
+    feature drafter on the target's teacher-forced features."""
+    if not is_feature_drafter(drafter):
+        matches = drafter_matches(drafter, prompt, tokens)
+        return lambda g: replay_greedy(matches, tokens, g, max_new_tokens, eos)
+    from sd2.specdec import cached
+
+    feats = cached(target, len(prompt) + len(tokens)).forward(
+        prompt + tokens[:-1], keep=1, hidden=feature_layers(drafter.config))[1] if tokens else None
+    return lambda g: replay_features(drafter, feats, prompt, tokens, g, max_new_tokens, eos)
+
+
+def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: list[int], gamma: int,
+                    max_new_tokens: int, eos: set[int]) -> DecodeResult:
+    """Greedy speculative decoding with a feature drafter replayed from the target's greedy output `tokens` and its
+    features over prompt + tokens[:-1]: the drafter runs as in SpecDecoder (same proposer), the target's
+    verification is read off `tokens`. Exact up to the rounding of one teacher-forced target pass against the
+    engine's incremental ones (the engine check in replay_eval compares them)."""
+    from sd2.specdec import _FeatureProposer
+
+    res = DecodeResult(tokens=list(tokens))
+    if not tokens:
+        return res
+    prop = _FeatureProposer(drafter, eos, 0.0, None, capacity=len(prompt) + len(tokens) + gamma + 2)
+    ids, pos, n_tok = list(prompt), 0, len(tokens)
+    with torch.inference_mode():
+        while pos < n_tok:
+            n = min(gamma, max_new_tokens - pos - 1)
+            drafts = prop.propose(ids, n)[0] if n > 0 and pos > 0 else []
+            a = 0
+            while a < len(drafts) and pos + a < n_tok and drafts[a] == tokens[pos + a]:
+                a += 1
+            accepted = min(a, n_tok - 1 - pos)
+            res.steps.append(Step(drafted=len(drafts), accepted=accepted))
+            res.target_passes += 1
+            prop.observe(feats[max(len(ids) - 1, 0) if pos else 0: len(ids) + accepted])
+            ids += tokens[pos: pos + accepted + 1]
+            pos += accepted + 1
+    return res
+
+
 def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list[int], max_new_tokens: int,
                 cost_ratio: float, *, known: dict | None = None, engine: dict | None = None, engine_gamma: int = 4,
                 seed: int = 0, progress: bool = True, cache_dir: Path | None = None) -> dict:
@@ -163,11 +206,13 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
                 tokens = base.generate(ids, max_new_tokens).tokens
                 if f is not None:
                     write_json(tokens, f)
-        per_prompt.append((p, tokens, drafter_matches(drafter, ids, tokens)))
-    out = {"method": "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt",
+        per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos)))
+    out = {"method": ("greedy replay: the target's greedy output and features (one teacher-forced target pass), the "
+                      "drafter run step by step" if is_feature_drafter(drafter) else
+                      "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt"),
            "n_prompts": len(prompts), "gammas": {}}
     for g in gammas:
-        results = [replay_greedy(m, t, g, max_new_tokens, eos) for _, t, m in per_prompt]
+        results = [sim(g) for _, _, sim in per_prompt]
         mal_g = metrics.mal(results)
         cats: dict[str, list[DecodeResult]] = {}
         for (p, _, _), r in zip(per_prompt, results):
@@ -179,8 +224,7 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
             "theoretical_speedup": metrics.theoretical_speedup(mal_g, g, cost_ratio),
             "per_category": {c: metrics.mal(rs) for c, rs in sorted(cats.items())}}
     if engine:
-        pairs = [(engine[p.id], replay_greedy(m, t, engine_gamma, max_new_tokens, eos))
-                 for p, t, m in per_prompt if p.id in engine]
+        pairs = [(engine[p.id], sim(engine_gamma)) for p, _, sim in per_prompt if p.id in engine]
         if pairs:
             out["engine_check"] = {
                 "gamma": engine_gamma, "n_prompts": len(pairs),

@@ -71,6 +71,10 @@ class LeanLM:
                                 m.gate_proj.weight.shape[0]))
         self.norm = inner.norm.weight.detach()
         self.lm_head = lin(model.get_output_embeddings().weight)
+        fc = getattr(model, "eagle_fc", None)  # a feature drafter (sd2.eagle): fc([embed; target feature])
+        self.fc = lin(fc.weight) if fc is not None else None
+        reduce = getattr(model, "eagle_reduce", None)  # its multi-layer target features → hidden size
+        self.reduce = lin(reduce.weight) if reduce is not None else None
         self.rotary = inner.rotary_emb
         self.cos = self.sin = torch.empty(0)
         self._tables(256)
@@ -102,7 +106,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 class LeanSession:
     """One sequence's KV cache over a LeanLM. `forward(new_ids, keep)` appends `new_ids` at the current length
-    and returns the logits [keep, V] of the last `keep` positions; `rollback(n)` keeps the first n positions."""
+    and returns the logits [keep, V] of the last `keep` positions; `rollback(n)` keeps the first n positions.
+    `feats` (a feature drafter's input) and `hidden` (also return the features of the new positions: True = the
+    normed hidden states the head reads, a tuple = sd2.eagle's multi-layer features) serve feature drafting."""
 
     def __init__(self, lm: LeanLM, capacity: int):
         self.lm = lm
@@ -125,13 +131,21 @@ class LeanSession:
         lm._tables(n)
 
     @torch.inference_mode()
-    def forward(self, new_ids: list[int], keep: int = 1) -> torch.Tensor:
+    def forward(self, new_ids: list[int], keep: int = 1, feats: torch.Tensor | None = None,
+                hidden: bool | tuple[int, ...] = False):
         lm = self.lm
         t, start = len(new_ids), self.length
         end = start + t
         if end > self.capacity:
             self._grow(end)
         x = lm.embed[torch.tensor(new_ids, device=lm.device)]  # [t, hidden]
+        if lm.fc is not None:
+            f = torch.zeros_like(x) if feats is None else feats.to(x.dtype)
+            if f.shape[-1] != x.shape[-1]:
+                f = lm.reduce(f)
+            x = lm.fc(torch.cat([x, f], -1))
+        reads = (-1,) if hidden is True else tuple(hidden or ())
+        outs: dict[int, torch.Tensor] = {}
         cos, sin = lm.cos[start:end], lm.sin[start:end]
         # one new token sees everything cached; several see the cache and the new ones up to themselves
         mask = torch.ones(t, end, dtype=torch.bool, device=lm.device).tril(diagonal=start) if t > 1 else None
@@ -148,7 +162,14 @@ class LeanSession:
             x = x + o(att[0].transpose(0, 1).reshape(t, nq * hd))
             g = gate_up(lm.rms(x, ln2))
             x = x + down(F.silu(g[:, :inter]) * g[:, inter:])
+            if li in reads:
+                outs[li] = x
         self.length = end
+        if reads:
+            from sd2.eagle import gather
+
+            h = lm.rms(x, lm.norm)
+            return lm.lm_head(h[t - keep:]).float(), gather(outs, h, reads)
         return lm.lm_head(lm.rms(x[t - keep:], lm.norm)).float()
 
     def rollback(self, n_valid: int) -> None:

@@ -204,8 +204,11 @@ def load_model(
             kwargs = {"device_map": "auto", "max_memory": dict(placement.max_memory)}
         elif placement.is_cuda:
             kwargs = {"device_map": {"": placement.device}}
+    cls = AutoModelForCausalLM
+    if _is_feature_dir(loc):  # a feature drafter (sd2.eagle): a one-layer Llama plus its feature mixer
+        from sd2.eagle import FeatureDrafter as cls
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cls.from_pretrained(
             loc, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code,
             **kwargs,
         )
@@ -219,6 +222,13 @@ def load_model(
         draftvocab.compact_head(model, ids)
     tok = load_tokenizer(spec, trust_remote_code=trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def _is_feature_dir(loc: str) -> bool:
+    from sd2.eagle import MARK
+
+    cfg = Path(loc) / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get(MARK))
 
 
 def save_model(model, tokenizer, out: Path, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from sd2.device import synchronize
 from sd2.draftvocab import to_full, wide_head
+from sd2.eagle import feature_layers, is_feature_drafter, target_features
 
 
 @dataclass
@@ -63,10 +64,11 @@ class _LeanCached:
         self.session = model.sd2_lean.session(capacity)
         self.ids: list[int] = []
 
-    def forward(self, ids: list[int], keep: int) -> torch.Tensor:
+    def forward(self, ids: list[int], keep: int, feats: torch.Tensor | None = None,
+                hidden: bool | tuple[int, ...] = False):
         new = ids[len(self.ids):]
         assert new and keep <= len(new), "forward() needs new tokens, at least `keep` of them"
-        out = self.session.forward(new, keep)
+        out = self.session.forward(new, keep, feats=feats, hidden=hidden)
         self.ids = list(ids)
         return out
 
@@ -106,18 +108,31 @@ class _Cached:
         self.ids: list[int] = []
         self._recording = False
 
-    def forward(self, ids: list[int], keep: int) -> torch.Tensor:
-        """Feed ids[len(self.ids):] and return logits [keep, V] for the last `keep` positions of `ids`."""
+    def forward(self, ids: list[int], keep: int, feats: torch.Tensor | None = None,
+                hidden: bool | tuple[int, ...] = False):
+        """Feed ids[len(self.ids):] and return logits [keep, V] for the last `keep` positions of `ids`; with
+        `hidden`, also the features of all new positions (True: the normed hidden states; a tuple: the layers a
+        feature drafter reads, sd2.eagle); `feats` are a feature drafter's own inputs for the new positions."""
         new = ids[len(self.ids):]
         assert new, "forward() needs at least one new token"
         assert keep <= len(new)
         inp = torch.tensor([new], dtype=torch.long, device=self.model.device)
-        out = self.model(input_ids=inp, cache=self.cache, use_cache=True, logits_to_keep=keep)
+        h = None
+        if feats is not None or (hidden and is_feature_drafter(self.model)):
+            out = self.model(input_ids=inp, feats=None if feats is None else feats[None], cache=self.cache,
+                             use_cache=True, logits_to_keep=keep)
+            logits, h = out.logits, out.hidden_states[0]
+        elif hidden:  # the target: its features, then its head on the kept final normed states
+            reads = (-1,) if hidden is True else tuple(hidden)
+            h = target_features(self.model, inp, reads=reads, cache=self.cache, use_cache=True)
+            logits = self.model.lm_head(h[:, -keep:, -self.model.config.hidden_size:])
+        else:
+            logits = self.model(input_ids=inp, cache=self.cache, use_cache=True, logits_to_keep=keep).logits
         self.ids = list(ids)
         if not self._recording:  # after the prefill, as HF does: lets sliding-window layers roll back
             self.cache.activate_past_recording()
             self._recording = True
-        return out.logits[0].float()
+        return (logits[0].float(), h[0]) if hidden else logits[0].float()
 
     def rollback(self, n_valid: int) -> None:
         """Keep the first n_valid cached tokens (crop(0) still lets sliding-window layers shrink)."""
@@ -179,6 +194,56 @@ class _SameVocabProposer:
 
     def accepted(self, ids: list[int]) -> None:
         self.d.rollback(len(ids))
+
+
+class _FeatureProposer:
+    """A feature drafter (sd2.eagle): pair j of its cache is (x_{j+1}, the target's feature f_j). Pairs made from the
+    target's own features are kept across steps; pairs made from the drafter's predicted features (its drafts) are
+    rolled back once the target has verified them and its real features are known."""
+
+    def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None, capacity: int = 512,
+                 threshold: float | None = None):
+        self.reads = feature_layers(drafter.config)  # the target layers it reads (the engine asks the target)
+        self.d = cached(drafter, capacity)
+        self.eos, self.temperature, self.gen, self.threshold = eos, temperature, gen, threshold
+        self.full = to_full(drafter)
+        self.feats: list[torch.Tensor] = []  # the target's features of committed positions, in chunks
+        self.n_feats = 0
+        self.true_pairs = 0  # leading drafter-cache pairs built from the target's own features
+
+    def observe(self, feats: torch.Tensor) -> None:
+        """The target's features of newly committed positions (in order)."""
+        if feats.shape[0]:
+            self.feats.append(feats)
+            self.n_feats += feats.shape[0]
+
+    def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        if self.n_feats == 0:  # the first step: the target has not run yet
+            return [], None
+        assert self.n_feats == len(ids) - 1, "the target's features must cover every committed position but the last"
+        if len(self.feats) > 1:
+            self.feats = [torch.cat(self.feats)]
+        self.d.rollback(self.true_pairs)
+        seq = ids[1: len(ids)]  # pair j's token is x_{j+1}
+        logits, h = self.d.forward(seq, keep=1, feats=self.feats[0][self.true_pairs:], hidden=True)
+        self.true_pairs = len(seq)
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        for i in range(n):
+            tok, q = _draft_token(self.full(logits[-1]), self.temperature, self.gen, self.threshold)
+            if tok is None:
+                break
+            if q is not None:
+                qs.append(q)
+            drafts.append(tok)
+            if tok in self.eos or i == n - 1:
+                break
+            seq.append(tok)
+            logits, h = self.d.forward(seq, keep=1, feats=h[-1:], hidden=True)
+        return drafts, (qs if self.temperature > 0 else None)
+
+    def accepted(self, ids: list[int]) -> None:
+        pass  # rolled back to the pairs built from real features on the next propose()
 
 
 class _CrossVocabProposer:
@@ -267,15 +332,20 @@ class SpecDecoder:
                                                self.temperature, gen, capacity=2 * capacity + len(dprompt),
                                                threshold=self.draft_threshold)
             else:
-                proposer = _SameVocabProposer(self.drafter, self.eos, self.temperature, gen, capacity=capacity,
-                                              threshold=self.draft_threshold)
+                kind = _FeatureProposer if is_feature_drafter(self.drafter) else _SameVocabProposer
+                proposer = kind(self.drafter, self.eos, self.temperature, gen, capacity=capacity,
+                                threshold=self.draft_threshold)
+        features = getattr(proposer, "reads", None)  # a feature drafter: the target also returns its features
         ids = list(prompt)
         res = DecodeResult(tokens=[])
         while len(res.tokens) < max_new_tokens:
             room = max_new_tokens - len(res.tokens)
             n = min(self.gamma, room - 1)
             drafts, qs = proposer.propose(ids, n) if (proposer is not None and n > 0) else ([], None)
-            logits = target.forward(ids + drafts, keep=len(drafts) + 1)
+            cached_before = len(target.ids)
+            logits = target.forward(ids + drafts, keep=len(drafts) + 1, hidden=features or False)
+            if features:
+                logits, feats = logits
             res.target_passes += 1
             n_acc, nxt = self._verify(logits, drafts, qs, gen)
             new = drafts[:n_acc] + [nxt]
@@ -285,6 +355,8 @@ class SpecDecoder:
                     break
             n_acc = len(new) - 1
             target.rollback(len(ids) + n_acc)
+            if features:  # the target's features of the positions it keeps
+                proposer.observe(feats[: len(ids) + n_acc - cached_before])
             ids.extend(new)
             if proposer is not None:
                 proposer.accepted(ids[:-1])
@@ -333,6 +405,11 @@ def hf_assisted_generate(target, drafter, prompt: list[int], *, gamma: int, max_
 
     Counts the target's forward calls with a hook, so its MAL is measured the same way as ours.
     """
+    if is_feature_drafter(drafter):
+        from sd2.errors import UserError
+
+        raise UserError("HF assisted generation cannot run a feature drafter (it reads the target's hidden states, "
+                        "which HF's assistant API does not pass); compare it with sd2's engine")
     cfg = drafter.generation_config
     saved = (cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold)
     cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd2 import draftvocab
+from sd2 import draftvocab, eagle
 from sd2.config import TrainConfig
 from sd2.data import encode_prompt, load_distilled
 from sd2.errors import UserError
@@ -65,18 +65,21 @@ def build_examples(ds, tok, seq_len: int, packing: bool = False, use_ids: bool =
             counts["response_truncated"] += int(len(ex["input_ids"]) > seq_len)
             ex = {k: v[:seq_len] for k, v in ex.items()}
         examples.append(ex)
-    if packing and examples:
-        packed, cur = [], {k: [] for k in examples[0]}
-        for ex in examples:
-            for k in cur:
-                cur[k] += ex[k]
-            while len(cur["input_ids"]) >= seq_len:
-                packed.append({k: v[:seq_len] for k, v in cur.items()})
-                cur = {k: v[seq_len:] for k, v in cur.items()}
-        if cur["input_ids"]:
-            packed.append(cur)
-        examples = packed
-    return examples, counts
+    return (pack(examples, seq_len) if packing else examples), counts
+
+
+def pack(examples: list[dict], seq_len: int) -> list[dict]:
+    """Concatenate examples and cut the stream into `seq_len` blocks (lists and per-position tensors alike)."""
+    packed, cur = [], None
+    for ex in examples:
+        cur = dict(ex) if cur is None else {k: (torch.cat([v, ex[k]]) if torch.is_tensor(v) else v + ex[k])
+                                            for k, v in cur.items()}
+        while len(cur["input_ids"]) >= seq_len:
+            packed.append({k: v[:seq_len] for k, v in cur.items()})
+            cur = {k: v[seq_len:] for k, v in cur.items()}
+    if cur is not None and len(cur["input_ids"]):
+        packed.append(cur)
+    return packed
 
 
 class Collator:
@@ -96,8 +99,12 @@ class Collator:
         if k:
             out["topk_ids"] = torch.zeros((len(batch), width, k), dtype=torch.long)
             out["topk_logits"] = torch.full((len(batch), width, k), float("-inf"))
+        if "feats" in batch[0]:  # a feature drafter's inputs: the target's hidden states, zeros on padding
+            out["feats"] = torch.zeros((len(batch), width, batch[0]["feats"].shape[-1]))
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
+            if "feats" in b:
+                out["feats"][i, :n] = b["feats"].float()
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
@@ -255,6 +262,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             raise UserError(f"{work}: an unfinished training run is there; pass --resume to continue it "
                             "or --overwrite to start over")
     _stored_teacher(cfg, load_distilled(cfg.data))  # fail fast on a bad data dir, before any process starts
+    for extra in cfg.extra_data:
+        load_distilled(extra)
     _check_draft_vocab(cfg)
     _validate_deepspeed(cfg)
     gpus = torch.cuda.device_count() if where.is_cuda else 0
@@ -336,31 +345,73 @@ def _trainer_class():
 
     class SD2Trainer(Trainer):
         teacher = None
+        teacher_head = None  # a feature drafter's live teacher: the target's head, applied to the target's features
         stored_teacher = False
         kd_divergence = "fkl"
+        feature_weight, feature_noise, feature_unroll = 1.0, 0.0, False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits, labels = outputs.logits, inputs["labels"]
+            if "feats" in inputs:
+                outputs, loss = self._feature_drafter_loss(model, inputs)
+            else:
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+                def live():
+                    return self.teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
+                                                                  attention_mask=inputs["attention_mask"]).logits
+                loss = self._token_loss(outputs.logits, inputs["labels"], inputs.get("topk_ids"),
+                                        inputs.get("topk_logits"), live if self.teacher is not None else None)
+            return (loss, outputs) if return_outputs else loss
+
+        def _token_loss(self, logits, labels, topk_ids, topk_logits, live, live_compact: bool = False):
+            """SFT, KD from stored top-k logits, or KD from `live()` teacher logits (full vocabulary, or already
+            the draft vocabulary's with `live_compact`)."""
             dmap = draftvocab.draft_ids(self.model)
             vocab = getattr(self.model, "sd2_full_vocab", None)
             if dmap is not None:  # labels (and teacher ids) into the compact head's index space
                 labels = draftvocab.to_draft(labels, dmap, vocab, missing=IGNORE)
             if self.stored_teacher:
-                tids = inputs["topk_ids"]
                 if dmap is not None:
-                    tids = draftvocab.to_draft(tids, dmap, vocab, missing=-1)
-                loss = topk_kd_loss(logits, tids, inputs["topk_logits"], labels, self.kd_divergence)
-            elif self.teacher is not None:
+                    topk_ids = draftvocab.to_draft(topk_ids, dmap, vocab, missing=-1)
+                return topk_kd_loss(logits, topk_ids, topk_logits, labels, self.kd_divergence)
+            if live is not None:
                 with torch.no_grad():
-                    t_logits = self.teacher.to(logits.device)(input_ids=inputs["input_ids"],
-                                                              attention_mask=inputs["attention_mask"]).logits
-                if dmap is not None:
+                    t_logits = live()
+                if dmap is not None and not live_compact:
                     t_logits = t_logits[..., dmap.to(t_logits.device)]
-                loss = kd_loss(logits, t_logits, labels, self.kd_divergence)
+                return kd_loss(logits, t_logits, labels, self.kd_divergence)
+            return sft_loss(logits, labels)
+
+        def _feature_drafter_loss(self, model, inputs):
+            """sd2.eagle: pair j = (x_{j+1}, f_j) drafts x_{j+2}; token loss on that, plus smooth-L1 of the
+            drafter's feature against the target's f_{j+1} (the feature its next draft step reads)."""
+            ids, labels, mask, feats = inputs["input_ids"], inputs["labels"], inputs["attention_mask"], inputs["feats"]
+            fin = feats[:, :-1]
+            if self.feature_noise and model.training:
+                fin = fin + torch.randn_like(fin) * self.feature_noise
+            if self.feature_unroll:  # training-time test: the second draft step reads the drafter's own feature
+                outputs, logits, h, logits2 = eagle.unrolled_forward(model, ids, fin, mask)
             else:
-                loss = sft_loss(logits, labels)
-            return (loss, outputs) if return_outputs else loss
+                outputs = model(input_ids=ids[:, 1:], feats=fin, attention_mask=mask[:, 1:])
+                logits, h = outputs.logits, outputs.hidden_states[0]
+            loss = self._feature_token_loss(logits, inputs, feats, 1)
+            if self.feature_unroll:
+                loss = loss + self._feature_token_loss(logits2, inputs, feats, 2)
+            if self.feature_weight:
+                loss = loss + self.feature_weight * eagle.feature_loss(h[:, :-1], feats[:, 1:-1, -h.shape[-1]:],
+                                                                       labels[:, 2:] != IGNORE)
+            return outputs, loss
+
+        def _feature_token_loss(self, logits, inputs, feats, step: int):
+            """Token loss of draft step `step`: its logits at pair i predict token i + step + 1."""
+            shift = {k: inputs[k][:, step:] for k in ("topk_ids", "topk_logits") if k in inputs}
+            head, dmap = self.teacher_head, draftvocab.draft_ids(self.model)
+            if head is not None and dmap is not None:
+                head = head[dmap]  # the teacher over the draft vocabulary only
+            final = feats[:, step:, -head.shape[-1]:] if head is not None else None  # the final normed state
+            live = (lambda: F.linear(final, head.to(feats.device))) if head is not None else None
+            return self._token_loss(logits, inputs["labels"][:, step:], shift.get("topk_ids"),
+                                    shift.get("topk_logits"), live, live_compact=True)
     return SD2Trainer
 
 
@@ -419,23 +470,42 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     if where.is_cuda and "LOCAL_RANK" not in os.environ:
         torch.cuda.set_device(torch.device(where.device))  # a pinned GPU (cuda:N) for the in-process run
     model, tok = load_model(cfg.init, allow_pickle=cfg.load.allow_pickle, trust_remote_code=cfg.load.trust_remote_code)
+    target = None
+    if cfg.feature_drafter:  # --init is the target: the drafter is built from it and reads its features
+        target, model = model, eagle.build(model, cfg.feature_layer, cfg.feature_layers, tuple(cfg.feature_reads))
     model.train()
     ds = load_distilled(cfg.data)
     stored = _stored_teacher(cfg, ds)
-    same_tok = _same_tokenizer_as_data(cfg.data, tok)
-    examples, counts = build_examples(ds, tok, cfg.seq_len, cfg.packing, use_ids=same_tok, teacher=stored)
+    examples, counts = [], {}
+    for d in [cfg.data, *cfg.extra_data]:
+        ex, cnt = build_examples(ds if d == cfg.data else load_distilled(d), tok, cfg.seq_len,
+                                 cfg.packing and target is None, use_ids=_same_tokenizer_as_data(d, tok),
+                                 teacher=stored)
+        examples += ex
+        counts = {k: counts.get(k, 0) + v for k, v in cnt.items()}
+    teacher_head = None
+    if target is not None:
+        teacher_head = target.get_output_embeddings().weight.detach().float().clone() \
+            if cfg.loss == "kd" and not stored else None
+        examples = _with_features(cfg, where, target, model, examples, progress)
+        del target
     if counts["prompt_truncated"]:
         log.info("%d prompt(s) longer than half of --seq-len %d kept their last tokens", counts["prompt_truncated"],
                  cfg.seq_len)
     if cfg.draft_vocab and draftvocab.draft_ids(model) is None:
-        ids = draftvocab.choose(draftvocab.token_counts(ds, tok, use_ids=same_tok), cfg.draft_vocab,
+        # counted on --data: the target's own tokens (extra data may be others' text)
+        ids = draftvocab.choose(draftvocab.token_counts(ds, tok, use_ids=_same_tokenizer_as_data(cfg.data, tok)),
+                                cfg.draft_vocab,
                                 model.get_output_embeddings().weight.shape[0],
                                 always={tok.eos_token_id} if tok.eos_token_id is not None else set())
         draftvocab.compact_head(model, ids)
         log.info("draft vocabulary: %d of %d tokens", len(ids), model.sd2_full_vocab)
-    if cfg.freeze_embeddings:
+    if cfg.freeze_embeddings or (cfg.feature_drafter and cfg.feature_freeze):
         model.get_input_embeddings().weight.requires_grad_(False)
-    masks = SparsityMasks.from_model(model, _pruned_layers(cfg.init))
+    if cfg.feature_drafter and cfg.feature_freeze:  # EAGLE's choice: the target's own embeddings and head
+        model.get_output_embeddings().weight.requires_grad_(False)
+    # a feature drafter is built fresh (its fc starts as [I | I]: zeros that are not a sparsity pattern)
+    masks = SparsityMasks({}) if cfg.feature_drafter else SparsityMasks.from_model(model, _pruned_layers(cfg.init))
     keeper = None
     if masks:
         log.info("keeping sparsity masks on %d linear layers (density %.3f)", len(masks.masks), masks.density())
@@ -446,9 +516,13 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
         callbacks=([keeper.callback] if keeper else []) + ([_curve_callback(cfg.curve_dir, tok)] if cfg.curve_dir
                                                              else []))
+    trainer.feature_weight, trainer.feature_noise = cfg.feature_weight, cfg.feature_noise
+    trainer.feature_unroll = cfg.feature_unroll
     if cfg.loss == "kd":
         trainer.kd_divergence, trainer.stored_teacher = cfg.kd_divergence, stored
-        if not stored:
+        if teacher_head is not None:
+            trainer.teacher_head = teacher_head
+        elif not stored:
             trainer.teacher = _teacher(cfg, where, tok)
     if keeper:
         keeper.trainer = trainer
@@ -461,6 +535,18 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     result = trainer.train(resume_from_checkpoint=resume_from)
     _publish(cfg, where, trainer, tok, masks, result, examples, counts, out, work)
     return out
+
+
+def _with_features(cfg: TrainConfig, where, target, drafter, examples: list[dict], progress: bool) -> list[dict]:
+    """A feature drafter's examples: the target's features attached (computed once, in bf16 where that is fast,
+    cached on disk), then packed."""
+    from sd2.models import model_digest, sd2_home
+
+    fdtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.feature_dtype]
+    target.to(fdtype or eagle.fast_feature_dtype(where.device))
+    eagle.attach_features(target, examples, progress=progress, cache_dir=sd2_home() / "cache" / "features",
+                          target_digest=model_digest(cfg.init), reads=eagle.feature_layers(drafter.config))
+    return pack(examples, cfg.seq_len) if cfg.packing else examples
 
 
 def _check_draft_vocab(cfg: TrainConfig) -> None:
@@ -476,8 +562,11 @@ def _check_draft_vocab(cfg: TrainConfig) -> None:
 
 def _stored_teacher(cfg: TrainConfig, ds) -> bool:
     """Whether KD reads the top-k logits stored with the data; a stored teacher must be the asked-for target."""
-    if cfg.loss != "kd" or cfg.kd_teacher == "live":
-        return False
+    if cfg.loss != "kd" or cfg.kd_teacher == "live" or (cfg.feature_drafter and cfg.kd_teacher == "auto"):
+        return False  # a feature drafter's live teacher is free: the target's head on the features it reads
+    if cfg.extra_data:
+        raise UserError("--extra-data: stored teacher logits are read from --data only; use --kd-teacher live "
+                        "(or drop --extra-data)")
     has = "topk_ids" in ds.column_names
     if not has:
         if cfg.kd_teacher == "stored":
@@ -539,6 +628,7 @@ def _publish(cfg: TrainConfig, where, trainer, tok, masks, result, examples, cou
         "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
         "examples": len(examples), "data": counts, "draft_vocab": len(dmap) if dmap is not None else None,
         "kd_teacher": ("stored" if trainer.stored_teacher else "live") if cfg.loss == "kd" else None,
+        "feature_drafter": cfg.feature_drafter,
         "masked_layers": len(masks.masks),
         "mask_density": masks.density(), "regrown": regrown,
         "log_history": trainer.state.log_history,

@@ -210,12 +210,13 @@ def derive_task(out: Path, target: str, settings: LayerPruneSettings) -> None:
     layer_prune_to_dir(target, out, overwrite=True, **settings.model_dump(exclude={"device"}), device="cpu")
 
 
-@stage("train", inputs=("init", "data"), title="train-drafter")
-def train_task(out: Path, init: str, data: str, settings: TrainSettings) -> None:
-    """The drafter fine-tuned on distilled data (a sparse init keeps its masks)."""
+@stage("train", inputs=("init", "data", "extra_data"), title="train-drafter")
+def train_task(out: Path, init: str, data: str, settings: TrainSettings, extra_data: str | None = None) -> None:
+    """The drafter fine-tuned on distilled data (a sparse init keeps its masks), plus `extra_data` if given."""
     from sd2.train import train
 
-    train(TrainConfig(init=init, data=data, out=out, overwrite=True, **settings.model_dump()), progress=False)
+    train(TrainConfig(init=init, data=data, out=out, overwrite=True, extra_data=[extra_data] if extra_data else [],
+                      **settings.model_dump()), progress=False)
 
 
 @stage("prune", inputs=("model", "calib"), title="prune")

@@ -253,6 +253,33 @@ def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harn
     assert len(json.loads((model_dir / "draft_vocab.json").read_text())["draft_ids"]) == 64
 
 
+def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_file, eval_file):
+    """The feature-drafter recipe shape: distill, seed answers as extra text, an EAGLE-style drafter built from the
+    target (multi-layer reads, unrolled loss, compact head), evaluated through the engine and replay; its options
+    are on its MLflow run. A prune sweep over a feature drafter is refused by the form."""
+    import mlflow
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+    from sd2.config import PipelineConfig
+
+    cfg = _config(tiny_target, seed_file, eval_file, name="feature-recipe", train_loss="kd", draft_vocab=64,
+                  packing=True, prune=False, feature_drafter=True, feature_reads=[0, -1], feature_unroll=True,
+                  reference_seeds=f"{seed_file}:5", register_champion=False, eval_gammas=[2])
+    rows = sd2_pipeline(cfg)
+    assert [r["drafter"] for r in rows] == ["feature-self-distilled"] and rows[0]["lossless"]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                             filter_string="attributes.run_name = 'feature-self-distilled'",
+                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert run["params.train.feature_drafter"] == "True" and run["params.train.feature_reads"] == "[0, -1]"
+    assert run["params.train.reference_seeds"] == f"{seed_file}:5"
+    info = json.loads((Path(run["tags.sd2.model_dir"]) / "sd2_train.json").read_text())
+    assert info["feature_drafter"] and info["data"]["rows"] > 5  # distilled rows + the 5 seed answers
+    with pytest.raises(ValueError, match="feature_drafter: the prune sweep needs"):
+        PipelineConfig(feature_drafter=True)
+
+
 def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target, seed_file):
     """Prefect's record of a stage outlives its output dir (deleted by hand, disk cleaned): the next run must
     rebuild the dir, not hand a dangling path to the next stage; afterwards the record is served again."""
