@@ -405,11 +405,13 @@ def _trainer_class():
         def _feature_token_loss(self, logits, inputs, feats, step: int):
             """Token loss of draft step `step`: its logits at pair i predict token i + step + 1."""
             shift = {k: inputs[k][:, step:] for k in ("topk_ids", "topk_logits") if k in inputs}
+            if self.teacher_head is not None and self.teacher_head.device != feats.device:
+                self.teacher_head = self.teacher_head.to(feats.device)  # once, not every step
             head, dmap = self.teacher_head, draftvocab.draft_ids(self.model)
             if head is not None and dmap is not None:
-                head = head[dmap]  # the teacher over the draft vocabulary only
+                head = head[dmap.to(head.device)]  # the teacher over the draft vocabulary only
             final = feats[:, step:, -head.shape[-1]:] if head is not None else None  # the final normed state
-            live = (lambda: F.linear(final, head.to(feats.device))) if head is not None else None
+            live = (lambda: F.linear(final, head)) if head is not None else None
             return self._token_loss(logits, inputs["labels"][:, step:], shift.get("topk_ids"),
                                     shift.get("topk_logits"), live, live_compact=True)
     return SD2Trainer
@@ -564,15 +566,15 @@ def _stored_teacher(cfg: TrainConfig, ds) -> bool:
     """Whether KD reads the top-k logits stored with the data; a stored teacher must be the asked-for target."""
     if cfg.loss != "kd" or cfg.kd_teacher == "live" or (cfg.feature_drafter and cfg.kd_teacher == "auto"):
         return False  # a feature drafter's live teacher is free: the target's head on the features it reads
-    if cfg.extra_data:
-        raise UserError("--extra-data: stored teacher logits are read from --data only; use --kd-teacher live "
-                        "(or drop --extra-data)")
     has = "topk_ids" in ds.column_names
     if not has:
         if cfg.kd_teacher == "stored":
             raise UserError(f"--kd-teacher stored: {cfg.data} has no stored teacher logits; distill with --store-topk "
                             "K, or use --kd-teacher live")
         return False
+    if cfg.extra_data:
+        raise UserError("--extra-data: stored teacher logits are read from --data only; use --kd-teacher live "
+                        "(or drop --extra-data)")
     if cfg.kd_target:
         from sd2.models import model_digest
 

@@ -2,6 +2,7 @@
 data files and CLI flags → one line naming the field, exit 2, nothing written (no ./sd2-runs, no server)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -177,3 +178,17 @@ def test_train_data_dir_that_is_not_a_dataset(tmp_path, tiny_model_dir):
                               "--out", str(tmp_path / "o")])
     _one_line_exit_2(res, "--data")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_shipped_config_is_a_valid_pipeline_form():
+    """configs/*.yaml are what users run (`sd2 pipeline --config`): each must validate as a PipelineConfig."""
+    from sd2.config import PipelineConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = PipelineConfig.build(**yaml.safe_load(f.read_text()))
+        assert cfg.name and cfg.resolved().train_steps
+    recipe = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2.yaml").read_text()))
+    assert recipe.feature_drafter and not recipe.prune and recipe.reference_seeds

@@ -118,7 +118,7 @@ def test_non_llama_target_is_refused():
         eagle.build(g)
 
 
-def test_train_a_feature_drafter(tiny_model_dir, seed_file, tmp_path):
+def test_train_a_feature_drafter(tiny_model_dir, seed_file, tmp_path, sd2_home):
     """Build from the target, features once, KD from the target's head + feature regression; the result is a
     lossless drafter and a resumed run continues it."""
     from sd2.config import DistillConfig, TrainConfig
@@ -147,6 +147,7 @@ def test_train_a_feature_drafter(tiny_model_dir, seed_file, tmp_path):
     assert SpecDecoder(target, d, gamma=3).generate(prompt, 16).tokens == base
     again = train(TrainConfig(**{**cfg, "max_steps": 8, "resume": True}), progress=False)
     assert json.loads((again / "sd2_train.json").read_text())["global_step"] == 8
+    assert len(list((sd2_home / "cache" / "features").glob("*.safetensors"))) == 1  # computed once, then reused
 
 
 def test_feature_loss_selects_positions():
