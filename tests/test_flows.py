@@ -230,8 +230,9 @@ def test_engine_gammas_in_the_report(harness, tiny_target, seed_file, eval_file)
 
 def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harness, tiny_target, seed_file,
                                                                              eval_file):
-    """The layer-slice recipe shape (configs/drafter-smollm2-layers.yaml): a seed mix, stored teacher logits, KD, a compact
-    draft head, packing, no prune sweep and no untuned baseline; its options are on the drafter's MLflow run."""
+    """The layer-slice recipe shape (configs/drafter-smollm2-layers.yaml): a seed mix, stored teacher logits, KD, a
+    compact draft head, packing, no prune sweep and no untuned baseline; its options are on the drafter's MLflow
+    run."""
     import mlflow
 
     from flows.pipeline import sd2_pipeline
