@@ -79,10 +79,6 @@ def is_feature_drafter(model) -> bool:
     return isinstance(model, FeatureDrafter) or hasattr(model, "eagle_fc")
 
 
-def is_feature_dir(config) -> bool:
-    return bool(getattr(config, MARK, None))
-
-
 def check_target(target) -> None:
     """Feature drafters read a Llama-family target's final normed hidden state (what its lm_head reads)."""
     if getattr(target.config, "model_type", None) != "llama":
@@ -104,9 +100,8 @@ def build(target, layer: int = -1, n_layers: int = 1, reads: tuple[int, ...] = (
         raise UserError(f"--feature-layers {n_layers}: between 1 and the target's {n} layers")
     first = min(layer % n, n - n_layers)
     cfg.num_hidden_layers = n_layers
-    for key in ("layer_types",):
-        if getattr(cfg, key, None):
-            setattr(cfg, key, list(getattr(cfg, key))[:n_layers])
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:n_layers]
     bad = [i for i in reads if i != -1 and not 0 <= i < n - 1]
     if bad:
         raise UserError(f"--feature-reads {bad[0]}: the target has {n} layers; read layers 0..{n - 2}, or -1 for "

@@ -177,7 +177,8 @@ def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: lis
             accepted = min(a, n_tok - 1 - pos)
             res.steps.append(Step(drafted=len(drafts), accepted=accepted))
             res.target_passes += 1
-            prop.observe(feats[max(len(ids) - 1, 0) if pos else 0: len(ids) + accepted])
+            # the target kept len(ids) - 1 positions before this step (none before the first)
+            prop.observe(feats[len(ids) - 1 if pos else 0: len(ids) + accepted])
             ids += tokens[pos: pos + accepted + 1]
             pos += accepted + 1
     return res
