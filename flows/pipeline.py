@@ -305,6 +305,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
                        "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds,
+                       "distill.magpie_openers": cfg.magpie_openers,
                        "train.feature_drafter": cfg.feature_drafter, "train.feature_noise": cfg.feature_noise,
                        "train.feature_reads": cfg.feature_reads, "train.feature_unroll": cfg.feature_unroll,
                        "train.reference_seeds": cfg.reference_seeds})

@@ -127,6 +127,8 @@ def distill_cmd(
                                 "--device cuda uses one per visible GPU)"),
     store_topk: int = typer.Option(0, help="keep the target's top-k logits per generated token for KD (0 = off)"),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="skip seeds with longer (chat-templated) prompts"),
+    magpie_openers: str = typer.Option("none", help="none | tasks: magpie seeds started from sd2's task openers "
+                                       "(code, translation, summary, …) that the target completes"),
     allow_pickle: bool = typer.Option(False),
     trust_remote_code: bool = typer.Option(False),
     device: DeviceOption = "auto",
@@ -142,7 +144,7 @@ def distill_cmd(
                               backend=backend, base_urls=base_url, api_key_env=api_key_env, concurrency=concurrency,
                               api=api, served_model=served_model, workers=workers, device=device, dtype=dtype,
                               fast_path=fast_path, store_topk=store_topk,
-                              max_prompt_tokens=max_prompt_tokens,
+                              max_prompt_tokens=max_prompt_tokens, magpie_openers=magpie_openers,
                               load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     path = distill(cfg)
     manifest = json.loads((path / "sd2_manifest.json").read_text())

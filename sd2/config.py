@@ -175,6 +175,10 @@ class DistillSettings(DevicePlacement):
         "the numbers of `sd2 eval`'s default lean-fp16 path)")
     max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds whose chat-templated prompt is longer "
                                           "(prefill costs as much as generation on a CPU; counted as too_long_skipped)")
+    magpie_openers: Literal["none", "tasks"] = Field(
+        "none", description="self-written (magpie) seeds: none = the target writes whole requests; tasks = most "
+        "start from one of sd2's task openers (code, translation, summary, extraction, roleplay, …), which the target "
+        "completes — requests of kinds it rarely writes unprompted")
     store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits at every generated token "
                             "(KD without rerunning the target; 0 = off; hf backend)")
     workers: int = Field(1, ge=1, description="in-process generation workers over disjoint shards (hf backend); "
@@ -379,6 +383,8 @@ class PipelineConfig(_Base):
     distill_store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits per generated "
                                     "token (KD from them: no teacher pass during training)")
     distill_max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds with longer prompts")
+    magpie_openers: Literal["none", "tasks"] = Field("none", description="self-written seeds: tasks = started from "
+                                                     "sd2's task openers (code, translation, summary, …)")
     train_loss: Literal["sft", "kd"] = Field("sft", description="sft: cross-entropy on the target's answers; kd: "
                                              "forward KL to the target's logits (stored ones when distilled with "
                                              "distill_store_topk)")
@@ -417,6 +423,9 @@ class PipelineConfig(_Base):
                              "prune: false (a feature drafter is one layer already)")
         if self.feature_drafter and self.drafter_base:
             raise ValueError("feature_drafter: a feature drafter is built from the target itself; drop drafter_base")
+        if self.magpie_openers != "none" and "magpie:" not in (self.seed_prompts or ""):
+            raise ValueError(f"magpie_openers: {self.magpie_openers} starts self-written seeds, and seed_prompts has "
+                             "none; add e.g. +magpie:240 to seed_prompts, or set magpie_openers: none")
         return self
 
     def resolved(self) -> "PipelineConfig":
@@ -436,6 +445,7 @@ class PipelineConfig(_Base):
                                threads=self.threads, device=self.device, dtype=self.dtype,
                                store_topk=self.distill_store_topk if mode != "reference" else 0,
                                max_prompt_tokens=self.distill_max_prompt_tokens,
+                               magpie_openers=self.magpie_openers if mode == "regenerate" else "none",
                                fast_path="fp16" if self.fast_path in ("auto", "lean-fp16", "fp16") and
                                self.device in ("auto", "cpu") and mode != "reference" and _cpu_only() else "none")
 

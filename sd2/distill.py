@@ -24,12 +24,23 @@ from sd2.device import torch_threads
 from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, publish_dir, write_json
 from sd2.models import check_output_dir, load_model, model_digest
+from sd2.specdec import eos_ids
 
 log = logging.getLogger(__name__)
 
 REWRITE_TEMPLATE = (
     "{prompt}\n\n---\nA reference answer to the request above:\n{reference}\n---\n\n"
     "Using the reference answer as a guide, respond to the request in your own words."
+)
+# Starts of user requests of the kinds Spec-Bench-style workloads ask for and a small chat model rarely writes
+# unprompted (--magpie-openers tasks); the target completes each, so the requests stay its own.
+TASK_OPENERS = (
+    "Write a Python function that", "Fix the bug in this code:\n\n```", "Translate into French: \"",
+    "Translate the following sentence into English: \"", "Summarize the following text in two sentences:\n\n",
+    "Extract every name and date from this text:\n\n", "Pretend you are", "Write a short story about",
+    "Write an email to", "Explain the difference between", "Solve step by step: ",
+    "Read the passage and answer the question.\n\nPassage:", "What were the main causes of",
+    "Give me three tips for", "Rewrite this paragraph so it is easier to read:\n\n",
 )
 COLUMNS = ("prompt", "response", "source_id")
 TEACHER_COLUMNS = ("response_ids", "topk_ids", "topk_logits")  # with --store-topk: exact ids + the target's top-k
@@ -51,47 +62,77 @@ def is_degenerate(token_ids: list[int], n: int = 4, min_ngrams: int = 24, max_re
 
 
 @torch.inference_mode()
-def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temperature: float, seed: int,
-                   topk: int = 0, encoded: list[list[int]] | None = None) -> list[tuple]:
-    """Left-padded batched generation with KV cache; returns (text, token ids, truncated, teacher) per request.
-
-    With `topk` > 0, `teacher` is the target's top-k (ids, logits) at every generated position (the EOS step
-    included when the answer ended): the logits generation computes anyway, kept for KD so training never
-    reruns the target. `encoded` gives the prompts as token ids instead of chat-templated text."""
-    encoded = encoded if encoded is not None else [encode_prompt(tok, r) for r in requests]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+def _left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(encoded):
         ids[i, width - len(e):] = torch.tensor(e)
         mask[i, width - len(e):] = 1
-    torch.manual_seed(seed)
-    kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, return_dict_in_generate=True,
-                         output_logits=topk > 0, **kwargs)
-    steps = None
-    if topk > 0:  # (batch, steps, k) each; logits rounded to fp16 precision (what the packed path computes with)
-        stacked = torch.stack(out.logits, 1).float()
-        vals, idx = stacked.topk(min(topk, stacked.shape[-1]), dim=-1)
-        steps = (idx.tolist(), vals.half().float().tolist())
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id]) | {tok.eos_token_id}
-    results = []
-    for r, row in enumerate(out.sequences[:, width:].tolist()):
-        toks, ended = [], False
-        for t in row:
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temperature: float, seed: int,
+                   topk: int = 0, encoded: list[list[int]] | None = None) -> list[tuple]:
+    """Left-padded batched generation with KV cache; returns (text, token ids, truncated, teacher) per request.
+
+    Why not `model.generate`: it keeps computing every row until the longest one ends. Here a row leaves the batch
+    (and the cache) as soon as it emits EOS, so each step costs what the unfinished rows need — answers vary from a
+    few tokens to the cap, and that waste was most of the work. Greedy (temperature 0) gives `generate`'s rows
+    (tested); sampling draws from softmax(logits / temperature) over the whole vocabulary.
+    With `topk` > 0, `teacher` is the target's top-k (ids, logits) at every generated position (the EOS step
+    included when the answer ended): the logits generation computes anyway, kept for KD so training never
+    reruns the target; logits rounded to fp16 precision (what the packed path computes with).
+    `encoded` gives the prompts as token ids instead of chat-templated text."""
+    from transformers import DynamicCache
+
+    encoded = encoded if encoded is not None else [encode_prompt(tok, r) for r in requests]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids, mask = _left_padded(encoded, pad)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    rng = torch.Generator(device=model.device).manual_seed(seed)
+    eos, n = eos_ids(model, tok), len(encoded)
+    toks: list[list[int]] = [[] for _ in range(n)]
+    teacher: list[list[tuple]] = [[] for _ in range(n)]
+    ended = [False] * n
+    live = list(range(n))  # the request behind each batch row
+    cache = DynamicCache(config=model.config)
+    step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        if topk > 0:
+            vals, top = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+            vals = vals.half().float()
+        keep = []
+        for row, (r, t) in enumerate(zip(live, nxt.tolist())):
+            if topk > 0:
+                teacher[r].append((top[row].tolist(), [round(v, 3) for v in vals[row].tolist()]))
             if t in eos:
-                ended = True
-                break
-            toks.append(t)
-        truncated = not ended and len(row) >= max_new_tokens
-        teacher = None
-        if steps is not None:
-            n = len(toks) + int(ended)
-            teacher = (steps[0][r][:n], [[round(v, 3) for v in step] for step in steps[1][r][:n]])
-        results.append((tok.decode(toks, skip_special_tokens=True).strip(), toks, truncated, teacher))
+                ended[r] = True
+            else:
+                toks[r].append(t)
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(live):  # finished rows leave the batch and the cache
+            sel = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(sel)
+            mask, nxt, live = mask[sel], nxt[sel], [live[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        step_ids, positions = nxt[:, None], mask.sum(-1, keepdim=True) - 1
+    results = []
+    for r in range(n):
+        row_teacher = None
+        if topk > 0:
+            row_teacher = ([s[0] for s in teacher[r]], [s[1] for s in teacher[r]])
+        truncated = not ended[r] and len(toks[r]) >= max_new_tokens
+        results.append((tok.decode(toks[r], skip_special_tokens=True).strip(), toks[r], truncated, row_teacher))
     return results
 
 
@@ -103,6 +144,8 @@ def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
     for extra in ("store_topk", "max_prompt_tokens"):
         if getattr(cfg, extra):
             key[extra] = getattr(cfg, extra)
+    if cfg.magpie_openers != "none":
+        key["magpie_openers"] = cfg.magpie_openers
     if cfg.fast_path != "none":
         key["fast_path"] = cfg.fast_path  # other numbers, other answers: never resume across paths
     if cfg.backend == "openai":
@@ -145,7 +188,8 @@ def _generator(cfg: DistillConfig, placement=None):
         return [(t, ids, tr, None, teacher) for t, ids, tr, teacher in generate_batch(
             model, tok, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
             topk=cfg.store_topk)]
-    gen.user_turns = lambda n, seed: user_turns(model, tok, n, batch_size=cfg.batch_size, seed=seed)
+    openers = TASK_OPENERS if cfg.magpie_openers == "tasks" else ()
+    gen.user_turns = lambda n, seed: user_turns(model, tok, n, batch_size=cfg.batch_size, seed=seed, openers=openers)
     return gen, model_digest(cfg.target), {}
 
 
@@ -159,16 +203,21 @@ def user_prefix(tok) -> list[int]:
 
 
 def user_turns(model, tok, n: int, *, batch_size: int, seed: int, max_new_tokens: int = 96,
-               temperature: float = 1.0) -> list[Prompt]:
+               temperature: float = 1.0, openers: tuple[str, ...] = ()) -> list[Prompt]:
     """Magpie: the target writes user requests itself, sampled from its chat template's user prefix — seeds from
-    its own distribution with nothing downloaded. Unfinished, empty, degenerate and repeated turns are dropped."""
+    its own distribution with nothing downloaded. With `openers`, sample i starts its request with opener
+    i mod (len + 1) (the last slot: none) and the target completes it: a small model left alone writes mostly one
+    kind of request ("I'm looking for advice on …"). Unfinished, empty, degenerate and repeated turns are dropped."""
     prefix, seen, out = user_prefix(tok), set(), []
+    starts = [tok(o, add_special_tokens=False)["input_ids"] for o in openers] + [[]]
     for attempt in range(0, 4 * n, batch_size):  # at most 4n samples
         if len(out) >= n:
             break
-        rows = generate_batch(model, tok, [""] * batch_size, encoded=[prefix] * batch_size,
+        begun = [starts[(attempt + j) % len(starts)] for j in range(batch_size)]
+        rows = generate_batch(model, tok, [""] * batch_size, encoded=[prefix + b for b in begun],
                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + attempt)
-        for text, ids, truncated, _ in rows:
+        for b, (_, ids, truncated, _) in zip(begun, rows):
+            text = tok.decode(b + ids, skip_special_tokens=True).strip()
             key = " ".join(text.lower().split())
             if truncated or len(ids) < 4 or is_degenerate(ids) or key in seen or len(out) >= n:
                 continue
@@ -191,6 +240,9 @@ def _check_seeds(cfg: DistillConfig, work: Path | None = None) -> tuple[list[Pro
         if missing:
             raise UserError(f"--mode {cfg.mode}: {len(missing)} seed record(s) have no reference answer "
                             f"(first: {missing[0]}); use --mode regenerate or a seed file with answers")
+    if cfg.magpie_openers != "none" and not n_magpie:
+        raise UserError(f"--magpie-openers {cfg.magpie_openers}: the seed mix {cfg.prompts} has no self-written "
+                        "seeds to start; add e.g. +magpie:240 to --prompts, or use --magpie-openers none")
     if work is not None and (work / "magpie.jsonl").exists():
         prompts += [Prompt(**json.loads(line)) for line in (work / "magpie.jsonl").read_text().splitlines()]
     return prompts, n_magpie
@@ -276,7 +328,7 @@ def _run_shards(cfg: DistillConfig, prompts: list[Prompt], shards: Path, gen, sh
         else:
             todo = list(range(len(chunk)))
         # Batch prompts of similar length together (less left padding); rows keep the seed order.
-        todo.sort(key=lambda i: len(chunk[i].text) + len(chunk[i].reference or ""))
+        todo.sort(key=lambda i: len(request_text(chunk[i], cfg.mode)))
         for b in range(0, len(todo), step):
             idx = todo[b:b + step]
             batch = [chunk[i] for i in idx]

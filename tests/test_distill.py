@@ -93,6 +93,8 @@ def test_distill_cli_bad_input(tiny_model_dir, seed_file, tmp_path):
           "http://127.0.0.1:9"], "--store-topk 8"),
         (["--prompts", f"{seed_file}+magpie:2", "--mode", "rewrite"], "magpie"),
         (["--prompts", f"{seed_file}+magpie"], "how many"),
+        (["--prompts", str(seed_file), "--magpie-openers", "tasks"], "--magpie-openers tasks"),
+        (["--prompts", f"{seed_file}+magpie:2", "--magpie-openers", "code"], "magpie-openers"),
     ]
     for args, needle in cases:
         res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--out", str(tmp_path / "o"), *args])
@@ -111,3 +113,34 @@ def test_distill_cli_bad_input(tiny_model_dir, seed_file, tmp_path):
     res = r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(gsm), "--mode", "rewrite",
                          "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no reference" in res.output
+
+
+def test_generate_batch_drops_finished_rows_and_equals_hf_generate(tiny_model_dir):
+    """Rows leave the batch at their EOS; greedy rows still equal transformers' generate, row by row, with
+    left padding and prompts of several lengths; sampling is reproducible by seed."""
+    import torch
+
+    from sd2.distill import generate_batch
+    from sd2.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    encoded = [tok("a b c d e f g")["input_ids"], tok("x")["input_ids"], tok("the quick fox")["input_ids"]]
+    width, pad = max(map(len, encoded)), tok.eos_token_id  # what generate_batch pads with when there is no pad
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(e) for e in encoded])[:, None]).long()
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                          pad_token_id=pad)[:, width:].tolist()
+    # a token one row emits early becomes an EOS, so that row finishes while the others go on
+    stop = free[0][3]
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         pad_token_id=pad)[:, width:].tolist()
+    rows = generate_batch(model, tok, [""] * 3, encoded=encoded, max_new_tokens=12, temperature=0.0, seed=0)
+    for (text, toks, truncated, _), want in zip(rows, ref):
+        cut = next((i for i, t in enumerate(want) if t in (tok.eos_token_id, stop)), len(want))
+        assert toks == want[:cut]
+        assert truncated == (cut == 12)
+    assert len(rows[0][1]) < 12 and any(r[2] for r in rows)  # one row ended early, another ran to the cap
+    a = generate_batch(model, tok, [""] * 3, encoded=encoded, max_new_tokens=8, temperature=1.0, seed=5)
+    b = generate_batch(model, tok, [""] * 3, encoded=encoded, max_new_tokens=8, temperature=1.0, seed=5)
+    assert [r[1] for r in a] == [r[1] for r in b]

@@ -279,6 +279,11 @@ def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_fil
     assert info["feature_drafter"] and info["data"]["rows"] > 5  # distilled rows + the 5 seed answers
     with pytest.raises(ValueError, match="feature_drafter: the prune sweep needs"):
         PipelineConfig(feature_drafter=True)
+    with pytest.raises(ValueError, match="magpie_openers: tasks starts self-written seeds"):
+        PipelineConfig(magpie_openers="tasks", seed_prompts=str(seed_file))
+    steered = PipelineConfig(magpie_openers="tasks", seed_prompts=f"{seed_file}:4+magpie:2").resolved()
+    assert steered.distill_settings().magpie_openers == "tasks"
+    assert steered.distill_settings("reference").magpie_openers == "none"
 
 
 def test_a_cached_stage_whose_output_was_deleted_is_rebuilt(harness, tiny_target, seed_file):

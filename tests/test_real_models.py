@@ -76,3 +76,9 @@ def test_magpie_user_turns_from_the_real_chat_template(smol):
     assert 1 <= len(turns) <= 4
     assert len({t.text for t in turns}) == len(turns) and all(t.text.strip() for t in turns)
     assert all(t.category == "magpie" and t.reference is None for t in turns)
+    from sd2.distill import TASK_OPENERS
+
+    steered = user_turns(m, tok, 4, batch_size=4, seed=0, max_new_tokens=64, openers=TASK_OPENERS[:3])
+    opened = [t for t in steered if any(t.text.startswith(o.strip()) for o in TASK_OPENERS[:3])]
+    assert opened and len(steered) - len(opened) <= 1  # 3 of every 4 samples start from an opener, one is free
+    assert all(len(t.text) > len(o) for t in opened for o in TASK_OPENERS[:3] if t.text.startswith(o.strip()))
