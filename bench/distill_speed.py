@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from sd2.config import DEFAULT_TARGET, DistillConfig  # noqa: E402
 from sd2.data import encode_prompt, load_seed_mix  # noqa: E402
-from sd2.distill import _fitting, generate_batch, request_text  # noqa: E402
+from sd2.distill import _fitting, _left_padded, generate_batch, request_text  # noqa: E402
 from sd2.fastpath import pack_fp16  # noqa: E402
 from sd2.models import load_model  # noqa: E402
 from sd2.specdec import eos_ids  # noqa: E402
@@ -36,11 +36,8 @@ SEEDS = "dolly-15k-subset.jsonl:480+gsm8k_train.jsonl:160"  # the recipe's file 
 def hf_rows(model, tok, encoded, max_new_tokens):
     """Greedy rows from transformers' generate (cut at the first EOS)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(map(len, encoded))
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = (ids != -1).long()
-    for i, e in enumerate(encoded):
-        mask[i, :width - len(e)] = 0
+    ids, mask = _left_padded(encoded, pad)
+    width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad)[:, width:].tolist()
     stop = eos_ids(model, tok)
@@ -66,14 +63,15 @@ def main() -> None:
         pack_fp16(model)
     cfg = DistillConfig(target=args.target, prompts=args.prompts, out=Path("unused"),
                         max_prompt_tokens=args.max_prompt_tokens)
-    seeds = _fitting(cfg, load_seed_mix(args.prompts)[0])[:args.limit]
+    seeds = _fitting(cfg, load_seed_mix(args.prompts)[0])
+    seeds = seeds[::max(1, len(seeds) // args.limit)][:args.limit]  # spread over the mix's sources
     seeds.sort(key=lambda p: len(p.text))  # what distill does within a shard
     encoded = [encode_prompt(tok, request_text(p, "regenerate")) for p in seeds]
     report = {"target": args.target, "fast_path": args.fast_path, "threads": args.threads, "seeds": len(seeds),
               "max_new_tokens": args.max_new_tokens, "rows": []}
     for bs in args.batch_sizes:
         walls = {"hf": [], "sd2": []}
-        tokens, same = {}, True
+        tokens = {}
         for _ in range(args.repeats):
             for side in ("hf", "sd2"):
                 t0, rows = time.perf_counter(), []
