@@ -478,18 +478,19 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     model.train()
     ds = load_distilled(cfg.data)
     stored = _stored_teacher(cfg, ds)
-    examples, counts = [], {}
+    parts, counts = [], {}  # the examples of --data and of each --extra-data
     for d in [cfg.data, *cfg.extra_data]:
         ex, cnt = build_examples(ds if d == cfg.data else load_distilled(d), tok, cfg.seq_len,
                                  cfg.packing and target is None, use_ids=_same_tokenizer_as_data(d, tok),
                                  teacher=stored)
-        examples += ex
+        parts.append(ex)
         counts = {k: counts.get(k, 0) + v for k, v in cnt.items()}
+    examples = [e for part in parts for e in part]
     teacher_head = None
     if target is not None:
         teacher_head = target.get_output_embeddings().weight.detach().float().clone() \
             if cfg.loss == "kd" and not stored else None
-        examples = _with_features(cfg, where, target, model, examples, progress)
+        examples = _with_features(cfg, where, target, model, parts, progress)
         del target
     if counts["prompt_truncated"]:
         log.info("%d prompt(s) longer than half of --seq-len %d kept their last tokens", counts["prompt_truncated"],
@@ -539,15 +540,18 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def _with_features(cfg: TrainConfig, where, target, drafter, examples: list[dict], progress: bool) -> list[dict]:
+def _with_features(cfg: TrainConfig, where, target, drafter, parts: list[list[dict]], progress: bool) -> list[dict]:
     """A feature drafter's examples: the target's features attached (computed once, in bf16 where that is fast,
-    cached on disk), then packed."""
+    cached on disk per data source, so a variant that changes the distilled data reuses the seed answers'
+    features), then packed."""
     from sd2.models import model_digest, sd2_home
 
     fdtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.feature_dtype]
     target.to(fdtype or eagle.fast_feature_dtype(where.device))
-    eagle.attach_features(target, examples, progress=progress, cache_dir=sd2_home() / "cache" / "features",
-                          target_digest=model_digest(cfg.init), reads=eagle.feature_layers(drafter.config))
+    for part in parts:
+        eagle.attach_features(target, part, progress=progress, cache_dir=sd2_home() / "cache" / "features",
+                              target_digest=model_digest(cfg.init), reads=eagle.feature_layers(drafter.config))
+    examples = [e for part in parts for e in part]
     return pack(examples, cfg.seq_len) if cfg.packing else examples
 
 

@@ -147,7 +147,14 @@ def test_train_a_feature_drafter(tiny_model_dir, seed_file, tmp_path, sd2_home):
     assert SpecDecoder(target, d, gamma=3).generate(prompt, 16).tokens == base
     again = train(TrainConfig(**{**cfg, "max_steps": 8, "resume": True}), progress=False)
     assert json.loads((again / "sd2_train.json").read_text())["global_step"] == 8
-    assert len(list((sd2_home / "cache" / "features").glob("*.safetensors"))) == 1  # computed once, then reused
+    cache = sd2_home / "cache" / "features"
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one per data source, computed once, then reused
+    other = distill(DistillConfig(target=str(tiny_model_dir), prompts=str(seed_file), out=tmp_path / "d2", limit=4,
+                                  max_new_tokens=12, batch_size=2), progress=False)
+    before = {f.name: f.stat().st_mtime_ns for f in cache.glob("*.safetensors")}
+    train(TrainConfig(**{**cfg, "data": other, "out": tmp_path / "m2", "max_steps": 2}), progress=False)
+    after = {f.name: f.stat().st_mtime_ns for f in cache.glob("*.safetensors")}
+    assert len(after) == 3 and all(after[k] == v for k, v in before.items())  # the seed answers' entry reused
 
 
 def test_feature_loss_selects_positions():
