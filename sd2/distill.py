@@ -61,7 +61,6 @@ def is_degenerate(token_ids: list[int], n: int = 4, min_ngrams: int = 24, max_re
     return 1 - len(set(grams)) / len(grams) > max_repeat_share
 
 
-@torch.inference_mode()
 def _left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -94,12 +93,12 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
     rng = torch.Generator(device=model.device).manual_seed(seed)
     eos, n = eos_ids(model, tok), len(encoded)
     toks: list[list[int]] = [[] for _ in range(n)]
-    teacher: list[list[tuple]] = [[] for _ in range(n)]
+    teacher: list[tuple[list, list]] = [([], []) for _ in range(n)]  # per request: top-k ids, logits per step
     ended = [False] * n
     live = list(range(n))  # the request behind each batch row
     cache = DynamicCache(config=model.config)
     step_ids, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
         if temperature > 0:
@@ -112,7 +111,8 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
         keep = []
         for row, (r, t) in enumerate(zip(live, nxt.tolist())):
             if topk > 0:
-                teacher[r].append((top[row].tolist(), [round(v, 3) for v in vals[row].tolist()]))
+                teacher[r][0].append(top[row].tolist())
+                teacher[r][1].append([round(v, 3) for v in vals[row].tolist()])
             if t in eos:
                 ended[r] = True
             else:
@@ -126,14 +126,8 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
             mask, nxt, live = mask[sel], nxt[sel], [live[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
         step_ids, positions = nxt[:, None], mask.sum(-1, keepdim=True) - 1
-    results = []
-    for r in range(n):
-        row_teacher = None
-        if topk > 0:
-            row_teacher = ([s[0] for s in teacher[r]], [s[1] for s in teacher[r]])
-        truncated = not ended[r] and len(toks[r]) >= max_new_tokens
-        results.append((tok.decode(toks[r], skip_special_tokens=True).strip(), toks[r], truncated, row_teacher))
-    return results
+    return [(tok.decode(toks[r], skip_special_tokens=True).strip(), toks[r],
+             not ended[r] and len(toks[r]) >= max_new_tokens, teacher[r] if topk > 0 else None) for r in range(n)]
 
 
 def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
