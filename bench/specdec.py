@@ -12,6 +12,7 @@ with fbgemm fp16-packed weights, the CPU default) and each drafter (the untuned 
 
     .venv/bin/python bench/specdec.py                                   # untuned + self-draft, 3 paths
     .venv/bin/python bench/specdec.py --drafter DIR --paths lean-fp16   # a trained drafter on the default path
+    .venv/bin/python bench/specdec.py --drafter DIR --paths lean-fp16 --lookup 2   # + prompt lookup (and HF's)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers import GenerationConfig  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from sd2 import metrics  # noqa: E402
-from sd2.config import DEFAULT_TARGET  # noqa: E402
+from sd2.config import DEFAULT_TARGET, LOOKUP_MAX  # noqa: E402
 from sd2.data import encode_prompt, load_prompts  # noqa: E402
 from sd2.evaluate import apply_fast_path, measure_costs  # noqa: E402
 from sd2.fastpath import pack_fp16  # noqa: E402
@@ -73,6 +74,21 @@ def hf_greedy(model, ids, n) -> DecodeResult:
                         first_step_tokens=clock.first_tokens)
 
 
+def hf_prompt_lookup(model, ids, n, gamma: int, ngram: int) -> DecodeResult:
+    """HF `generate(prompt_lookup_num_tokens=γ)`: HF's own prompt-lookup decoding, its target passes counted."""
+    calls = [0]
+    hook = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        t0 = time.perf_counter()
+        inp = torch.tensor([ids])
+        out = model.generate(inp, attention_mask=torch.ones_like(inp), do_sample=False, max_new_tokens=n,
+                             prompt_lookup_num_tokens=gamma, max_matching_ngram_size=ngram)
+        secs = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    return DecodeResult(tokens=out[0, len(ids):].tolist(), target_passes=calls[0], seconds=secs)
+
+
 def _pin(model, tok):
     """Generation config with no sampling and no max_length default, so HF's paths are comparable."""
     model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
@@ -97,7 +113,15 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
     n = args.max_new_tokens
     runs = {"hf_greedy": lambda ids: hf_greedy(hf_t, ids, n),
             "sd2_target_only": lambda ids, s=SpecDecoder(t, target_tokenizer=tok): s.generate(ids, n)}
+    if args.lookup:  # prompt lookup alone: sd2's against HF's
+        runs["sd2_lookup_only"] = (lambda ids, s=SpecDecoder(t, None, gamma=args.gamma, target_tokenizer=tok,
+                                                             lookup=args.lookup): s.generate(ids, n))
+        runs["hf_prompt_lookup"] = lambda ids: hf_prompt_lookup(hf_t, ids, n, args.gamma, LOOKUP_MAX)
     for name in drafters:
+        if args.lookup and ds[name] is not t:  # the drafter behind prompt lookup (dynamic too when asked)
+            spec = SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok,
+                               draft_threshold=args.draft_threshold, lookup=args.lookup)
+            runs[f"sd2_lookup[{name}]"] = lambda ids, s=spec: s.generate(ids, n)
         runs[f"sd2_spec[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok):
                                      s.generate(ids, n))
         hf_ok = not is_feature_drafter(drafters[name])  # HF's assistant API cannot pass the target's features
@@ -136,6 +160,13 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
            "decode_ms_per_token_sd2": 1e3 / dmed["sd2_target_only"],
            "decode_ms_per_token_hf_greedy": 1e3 / dmed["hf_greedy"],
            "decode_sd2_vs_hf_greedy": dmed["sd2_target_only"] / dmed["hf_greedy"], "drafters": {}}
+    if args.lookup:
+        out["lookup"] = {"min_ngram": args.lookup, "mal_sd2": metrics.mal(last["sd2_lookup_only"]),
+                         "mal_hf": metrics.mal(last["hf_prompt_lookup"]),
+                         "speedup_sd2": med["sd2_lookup_only"] / med["sd2_target_only"],
+                         "speedup_hf_vs_hf_greedy": med["hf_prompt_lookup"] / med["hf_greedy"],
+                         "sd2_vs_hf": med["sd2_lookup_only"] / med["hf_prompt_lookup"],
+                         "lossless": [x.tokens for x in last["sd2_lookup_only"]] == ref}
     for name in drafters:
         cost = measure_costs(t, ds[name], prompts[0], prompts[0], args.gamma, repeats=9)
         mal = metrics.mal(last[f"sd2_spec[{name}]"])
@@ -160,6 +191,13 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
                 "speedup_hf_vs_hf_greedy": _or_none(lambda: med[f"hf_dyn[{name}]"] / med["hf_greedy"]),
                 "sd2_vs_hf": _or_none(lambda: med[f"sd2_dyn[{name}]"] / med[f"hf_dyn[{name}]"]),
                 "lossless": [x.tokens for x in last[f"sd2_dyn[{name}]"]] == ref}
+        if f"sd2_lookup[{name}]" in med:
+            rs = last[f"sd2_lookup[{name}]"]
+            out["drafters"][name]["lookup"] = {
+                "min_ngram": args.lookup, "threshold": args.draft_threshold, "mal": metrics.mal(rs),
+                "step_share": sum(x.looked_up for x in rs) / max(sum(len(x.steps) for x in rs), 1),
+                "speedup": med[f"sd2_lookup[{name}]"] / med["sd2_target_only"],
+                "lossless": [x.tokens for x in rs] == ref}
     out["tokens_per_s_median"] = med
     return out
 
@@ -197,6 +235,20 @@ def table(report: dict) -> str:
                   f"{'–' if x['mal_hf'] is None else format(x['mal_hf'], '.2f')} | "
                   f"{x['speedup_sd2']:.2f}× | {_x(x['speedup_hf_vs_hf_greedy'])} | {_x(x['sd2_vs_hf'])} | "
                   f"{x['lossless']} |" for path, name, x in dyn]
+    look = [(p["path"], name, d["lookup"]) for p in report["paths"] for name, d in p["drafters"].items()
+            if "lookup" in d]
+    if look:
+        lines += ["", "| path | drafter + prompt lookup | threshold | MAL | steps copied | "
+                  "speedup vs sd2 target-only | lossless |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {path} | {name} | {x['threshold'] or '–'} | {x['mal']:.2f} | {x['step_share']:.2f} | "
+                  f"{x['speedup']:.2f}× | {x['lossless']} |" for path, name, x in look]
+    alone = [(p["path"], p["lookup"]) for p in report["paths"] if "lookup" in p]
+    if alone:
+        lines += ["", "| path | prompt lookup alone | MAL sd2 / HF | sd2 speedup vs sd2 target-only | "
+                  "HF vs HF greedy | sd2 ÷ HF | lossless |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {path} | n ≥ {x['min_ngram']} | {x['mal_sd2']:.2f} / {x['mal_hf']:.2f} | "
+                  f"{x['speedup_sd2']:.2f}× | {x['speedup_hf_vs_hf_greedy']:.2f}× | {x['sd2_vs_hf']:.2f}× | "
+                  f"{x['lossless']} |" for path, x in alone]
     return "\n".join(lines)
 
 
@@ -214,6 +266,9 @@ def main() -> None:
     ap.add_argument("--draft-threshold", type=float, default=None,
                     help="also dynamic draft length at this top-1 probability: sd2's rule vs HF assisted "
                     "generation's assistant_confidence_threshold (same pair, same path)")
+    ap.add_argument("--lookup", type=int, default=0,
+                    help="also prompt lookup (shortest n-gram): alone (against HF's prompt_lookup_num_tokens) and in "
+                    "front of each drafter (with --draft-threshold when given)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -199,7 +199,9 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
             res["extra"][f"t{t:g}"] = _brief(run(settings.gamma, t))
         rid = tracking.log_drafter_run(parent_run_id, settings.target, d.name, {**d.params, "drafter_path": d.path,
                                        "gamma": settings.gamma, "eval_limit": settings.limit,
-                                       "eval.numeric_path": res.get("numeric_path")},
+                                       "eval.numeric_path": res.get("numeric_path"),
+                                       "eval.draft_threshold": settings.draft_threshold,
+                                       "eval.lookup": settings.lookup},
                                        res, records, model_dir=d.path, dataset_dir=dataset)
         run_ids.append(rid)
         rows.append({"drafter": d.name, "kind": d.params.get("kind", ""), **{f"prune.{k}": v for k, v in
@@ -297,7 +299,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
-                                        lr=cfg.lr, threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
+                                        lr=cfg.lr, train_loss=cfg.train_loss, packing=cfg.packing,
+                                        threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,
                   "train.steps": cfg.train_steps,
@@ -331,7 +334,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                 eval_gammas=cfg.eval_gammas, eval_gamma_mode="engine" if uag else cfg.eval_gamma_mode,
                                 replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
                                 sampling_drafters=cfg.sampling_drafters, fast_path=cfg.fast_path,
-                                draft_threshold=cfg.draft_threshold, **where)
+                                draft_threshold=cfg.draft_threshold, lookup=cfg.lookup, **where)
         rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
                                  register_champion=cfg.register_champion)
         _report_failed_cells(cells)  # every other drafter is evaluated and logged; then the run is not green

@@ -76,6 +76,8 @@ def eval_cmd(
     replay_limit: Optional[int] = typer.Option(None, help="prompts for the replay (default: the evaluated ones)"),
     draft_threshold: Optional[float] = typer.Option(
         None, help="dynamic draft length: stop drafting when the drafter's top-1 probability < this (0-1)"),
+    lookup: int = typer.Option(0, help="prompt lookup in front of the drafter: copy what followed the context's last "
+                               "n >= LOOKUP tokens where they occurred before (1-4; 0 = off)"),
     device: DeviceOption = "auto",
     dtype: DTypeOption = "auto",
 ):
@@ -89,7 +91,7 @@ def eval_cmd(
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
                            replay_gammas=replay_gammas, replay_limit=replay_limit, device=device, dtype=dtype,
-                           draft_threshold=draft_threshold,
+                           draft_threshold=draft_threshold, lookup=lookup,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")

@@ -15,6 +15,7 @@ from sd2.errors import PATTERN_HINTS, UserError, pydantic_message
 
 # One vocabulary, defined once: the CLI, the flows, prefect.yaml and the library all use these.
 DEFAULT_TARGET = "smollm2-135m-instruct"
+LOOKUP_MAX = 4  # the longest context suffix prompt lookup matches (it tries the longest first)
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 METHODS: tuple[str, ...] = get_args(Method)
 FastPath = Literal["auto", "none", "lean", "lean-fp16", "drafter-fp16", "fp16"]
@@ -121,6 +122,9 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     draft_threshold: float | None = Field(
         None, gt=0, lt=1, description="dynamic draft length: stop drafting when the drafter's top-1 probability is "
         "below this (γ is then the maximum); lossless either way")
+    lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in front of the drafter: when the "
+                        "context's last n ≥ this many tokens occurred before, draft what followed them there (free, "
+                        "lossless); 0 = off")
     load: ModelLoadOptions = ModelLoadOptions()
 
     @field_validator("categories", mode="before")
@@ -312,17 +316,25 @@ class SweepGrid(_Base):
         return out
 
 
+# The plain recipe: SFT on the target's answers, the full head, unpacked examples (the tiny profile, and a drafter
+# of another family in every profile).
+CROSS_FAMILY = dict(lr=2e-4, train_loss="sft", distill_store_topk=0, draft_vocab=0, packing=False)
+
 PROFILES: dict[str, dict] = {
-    # tiny: seconds, for tests on tiny models; quick: the `sd2 demo` default (≈10 min on 2 CPU cores);
-    # full: a longer, better run.
+    # tiny: seconds, for tests on tiny models; quick: the `sd2 demo` default (≤ 15 min on 2 CPU cores);
+    # full: a longer, better run. quick and full train with the levers docs/drafter-recipe.md measured: KD from the
+    # target's stored top-k logits, a compact draft head, packed sequences (nothing dropped), a higher lr.
     "tiny": dict(distill_limit=8, distill_max_new_tokens=8, train_steps=4, sparse_ft_steps=2, train_batch_size=4,
-                 seq_len=64, calib_samples=4, eval_limit=2, eval_max_new_tokens=8, distill_batch_size=4),
-    "quick": dict(distill_limit=48, distill_max_new_tokens=64, train_steps=30, sparse_ft_steps=15,
-                  train_batch_size=4, seq_len=192, calib_samples=16, eval_limit=6, eval_max_new_tokens=48,
-                  distill_batch_size=8),
+                 seq_len=64, calib_samples=4, eval_limit=2, eval_max_new_tokens=8, distill_batch_size=4,
+                 threads=1, **CROSS_FAMILY),
+    "quick": dict(distill_limit=160, distill_max_new_tokens=96, train_steps=48, sparse_ft_steps=16,
+                  train_batch_size=8, seq_len=256, calib_samples=16, eval_limit=6, eval_max_new_tokens=48,
+                  distill_batch_size=16, distill_max_prompt_tokens=320, threads=2, lr=2e-3, train_loss="kd",
+                  distill_store_topk=32, draft_vocab=6144, packing=True),
     "full": dict(distill_limit=1024, distill_max_new_tokens=256, train_steps=1000, sparse_ft_steps=300,
                  train_batch_size=16, seq_len=512, calib_samples=128, eval_limit=104, eval_max_new_tokens=128,
-                 distill_batch_size=8),
+                 distill_batch_size=8, threads=2, lr=2e-3, train_loss="kd", distill_store_topk=32,
+                 draft_vocab=6144, packing=True),
 }
 
 
@@ -368,30 +380,35 @@ class PipelineConfig(_Base):
     sampling_temperature: float | None = Field(None, gt=0, description="also one sampling run at this temperature")
     sampling_drafters: list[str] = Field(default_factory=list,
                                          description="drafters (by name) of the sampling run; empty = all")
-    threads: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads of every stage (default: the profile's)")
     device: Device = "auto"
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
                                 "fp16-packed weights on the CPU, the HF modules on a GPU; none = exact HF modules")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length in evaluation: stop "
                                           "drafting below this top-1 drafter probability (γ is the maximum)")
-    lr: float = Field(2e-4, gt=0, le=1.0)
+    lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in evaluation: copy what followed the "
+                        "context's last n ≥ this many tokens where they occurred before, else ask the drafter; 0 = off")
+    lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of training and sparse fine-tuning "
+                             "(default: the profile's)")
     register_champion: bool = True
     cell_deployment: str | None = Field(
         None, description="run sweep cells as runs of this deployment (e.g. 'sweep-cell/sweep-cell') so several "
         "workers share a sweep; default: in-process tasks")
-    distill_store_topk: int = Field(0, ge=0, le=1024, description="keep the target's top-k logits per generated "
-                                    "token (KD from them: no teacher pass during training)")
+    distill_store_topk: int | None = Field(None, ge=0, le=1024, description="keep the target's top-k logits per "
+                                           "generated token (KD from them: no teacher pass during training; "
+                                           "default: the profile's)")
     distill_max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds with longer prompts")
     magpie_openers: Literal["none", "tasks"] = Field("none", description="self-written seeds: tasks = started from "
                                                      "sd2's task openers (code, translation, summary, …)")
-    train_loss: Literal["sft", "kd"] = Field("sft", description="sft: cross-entropy on the target's answers; kd: "
-                                             "forward KL to the target's logits (stored ones when distilled with "
-                                             "distill_store_topk)")
-    draft_vocab: int = Field(0, ge=0, description="compact drafter head over the K most frequent target tokens of "
-                             "the distilled data (0 = the full head)")
+    train_loss: Literal["sft", "kd"] | None = Field(None, description="sft: cross-entropy on the target's answers; "
+                                                    "kd: forward KL to the target's logits (stored ones when "
+                                                    "distilled with distill_store_topk; default: the profile's)")
+    draft_vocab: int | None = Field(None, ge=0, description="compact drafter head over the K most frequent target "
+                                    "tokens of the distilled data (0 = the full head; default: the profile's)")
     freeze_embeddings: bool = Field(False, description="keep the drafter's input embeddings fixed")
-    packing: bool = Field(False, description="pack training examples into full seq_len blocks")
+    packing: bool | None = Field(None, description="pack training examples into full seq_len blocks (default: the "
+                                 "profile's)")
     feature_drafter: bool = Field(False, description="train an EAGLE-style feature drafter (one layer reading the "
                                   "target's hidden states, built from the target) instead of a drafter cut from "
                                   "drafter_layers; a drafter recipe (prune: false)")
@@ -429,9 +446,11 @@ class PipelineConfig(_Base):
         return self
 
     def resolved(self) -> "PipelineConfig":
-        """Fill every None with the profile's value."""
+        """Fill every None with the profile's value. A drafter of another family (drafter_base) keeps the plain
+        recipe's loss and head unless they are given: KD and stored logits need the target's tokenizer."""
         vals = self.model_dump()
-        for k, v in PROFILES[self.profile].items():
+        profile = PROFILES[self.profile] | (CROSS_FAMILY if self.drafter_base else {})
+        for k, v in profile.items():
             if vals.get(k) is None:
                 vals[k] = v
         return PipelineConfig(**vals)
@@ -482,6 +501,7 @@ class EvalSettings(_Base):
     uag: bool = Field(False, description="drafters may use another tokenizer (Universal Assisted Generation)")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation (see `sd2 eval --fast-path`)")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length (see `sd2 eval`)")
+    lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in front of the drafter (see `sd2 eval`)")
     eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
@@ -493,7 +513,8 @@ class EvalSettings(_Base):
         """The library's evaluation options for one run of these settings."""
         return EvalOptions(gamma=gamma or self.gamma, max_new_tokens=self.max_new_tokens, temperature=temperature,
                            limit=self.limit, threads=self.threads, uag=self.uag, fast_path=self.fast_path,
-                           draft_threshold=self.draft_threshold, device=self.device, dtype=self.dtype, **more)
+                           draft_threshold=self.draft_threshold, lookup=self.lookup, device=self.device,
+                           dtype=self.dtype, **more)
 
 
 class SweepConfig(_Base):
@@ -511,6 +532,9 @@ class SweepConfig(_Base):
     sparse_ft_steps: int = Field(30, ge=0)
     train_batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0, le=1.0)
+    train_loss: Literal["sft", "kd"] = Field("sft", description="loss of sparse fine-tuning (kd: the target's "
+                                             "logits, stored ones when the data has them)")
+    packing: bool = Field(False, description="pack sparse fine-tuning examples into full seq_len blocks")
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
@@ -525,5 +549,6 @@ class SweepConfig(_Base):
     def train_settings(self) -> TrainSettings:
         """Sparse fine-tuning of a cell (the masks of the pruned model are kept)."""
         return TrainSettings(max_steps=max(self.sparse_ft_steps, 1), batch_size=self.train_batch_size,
-                             seq_len=self.seq_len, lr=self.lr, threads=self.threads,
-                             save_steps=max(self.sparse_ft_steps, 1), device=self.device, dtype=self.dtype)
+                             seq_len=self.seq_len, lr=self.lr, threads=self.threads, loss=self.train_loss,
+                             packing=self.packing, save_steps=max(self.sparse_ft_steps, 1), device=self.device,
+                             dtype=self.dtype)

@@ -181,6 +181,12 @@ def load_seed_mix(spec: str, limit: int | None = None) -> tuple[list[Prompt], in
     return prompts, magpie
 
 
+def limit_applies(spec: str) -> bool:
+    """Whether a distillation's --limit caps any source of these seeds: a mix whose every source names its own
+    limit ignores it (so records do not show a cap that was not used)."""
+    return not is_seed_mix(spec) or any(lim is None for src, lim in parse_seed_mix(spec) if src != MAGPIE)
+
+
 def mix_digest(spec: str) -> str:
     """Digest of a seed mix: the spec and the bytes of every file in it (a single file: its own digest)."""
     if Path(str(spec)).is_file():

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
 from sd2.data import (Prompt, encode_prompt, file_digest, load_distilled, load_prompts,  # noqa: F401 - re-export
-                      load_seed_mix, mix_digest)
+                      limit_applies, load_seed_mix, mix_digest)
 from sd2.errors import UserError
 from sd2.device import torch_threads
 from sd2.fastpath import pack_fp16, require_cpu
-from sd2.io import atomic_write_text, publish_dir, write_json
+from sd2.io import atomic_write_text, publish_dir, save_dataset, write_json
 from sd2.models import check_output_dir, load_model, model_digest
 from sd2.specdec import eos_ids
 
@@ -132,7 +132,8 @@ def generate_batch(model, tok, requests: list[str], *, max_new_tokens: int, temp
 
 def _run_key(cfg: DistillConfig, target_digest: str, seed_digest: str) -> dict:
     key = {"target": cfg.target, "target_digest": target_digest, "prompts": str(cfg.prompts),
-           "prompts_digest": seed_digest, "mode": cfg.mode, "limit": cfg.limit,
+           "prompts_digest": seed_digest, "mode": cfg.mode,
+           "limit": cfg.limit if limit_applies(str(cfg.prompts)) else None,
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
            "temperature": cfg.temperature, "seed": cfg.seed, "backend": cfg.backend}
     for extra in ("store_topk", "max_prompt_tokens"):
@@ -378,8 +379,6 @@ def _run_workers(cfg: DistillConfig, shards: Path, n_shards: int, where, bar) ->
 def _finish(cfg: DistillConfig, out: Path, shards: Path, key: dict, info: dict, n_seeds: int, gen_tokens: int,
             seconds: float) -> Path:
     """Filter the finished shards into the dataset and publish it atomically; the shards go afterwards."""
-    import datasets
-
     rows = [json.loads(line) for f in sorted(shards.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
     failed = [{"source_id": r["source_id"], "error": r["error"]} for r in rows if r.get("error")]
     if failed:
@@ -393,7 +392,7 @@ def _finish(cfg: DistillConfig, out: Path, shards: Path, key: dict, info: dict, 
                 "columns": list(COLUMNS) + ["category", "truncated"]
                 + (list(TEACHER_COLUMNS) if cfg.store_topk else [])}
     with publish_dir(out) as tmp:  # on failure the finished shards stay for the re-run
-        datasets.Dataset.from_list(kept).save_to_disk(str(tmp))
+        save_dataset(kept, tmp)
         write_json(manifest, tmp / "sd2_manifest.json")
     shutil.rmtree(shards.parent)
     return out

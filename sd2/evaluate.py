@@ -24,7 +24,7 @@ from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads 
 from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
-from sd2.specdec import DecodeResult, SpecDecoder, Step, eos_ids
+from sd2.specdec import DecodeResult, NGramIndex, SpecDecoder, Step, eos_ids
 
 
 def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_token: float = 1.0) -> float:
@@ -36,12 +36,13 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
                   fast_path: str = "auto", replay_gammas: list[int] | None = None,
                   replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None,
-                  draft_threshold: float | None = None) -> tuple[dict, pd.DataFrame]:
+                  draft_threshold: float | None = None, lookup: int = 0) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
     `fast_path` prepares both models for a numeric path in place (resolve_fast_path); MACs are counted before.
     `replay_gammas` adds greedy MAL at other γ by exact replay (see `replay_greedy`) over `replay_prompts`
-    (default: the same prompts), checked against the engine at `gamma` on the prompts both ran.
+    (default: the same prompts), checked against the engine at `gamma` on the prompts both ran. `lookup` puts
+    prompt lookup in front of the drafter (SpecDecoder).
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
@@ -58,7 +59,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     if replay_gammas and draft_threshold is not None:
         raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
-                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold)
+                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,
+                       lookup=lookup)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
@@ -86,6 +88,9 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     if draft_threshold is not None:  # dynamic draft length: how many drafts a step made on average
         out["draft_threshold"] = draft_threshold
         out["mean_drafted"] = float(df["drafted"].sum() / max(df["target_passes"].sum(), 1))
+    if lookup:  # prompt lookup: the share of steps whose drafts were copied from the context
+        out["lookup"] = lookup
+        out["lookup_step_share"] = sum(r.looked_up for r in spec_res) / max(sum(len(r.steps) for r in spec_res), 1)
     for cat, sub in df.groupby("category", sort=True):
         idx = list(sub.index)
         s = _summarize([base_res[i] for i in idx], [spec_res[i] for i in idx], sub, gamma)
@@ -96,7 +101,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         out["replay"] = replay_eval(target, target_tok, drafter, replay_prompts or prompts, replay_gammas,
                                     max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
                                     engine_gamma=gamma, seed=seed, progress=progress,
-                                    cache_dir=_replay_cache_dir(replay_cache, fast_path))
+                                    cache_dir=_replay_cache_dir(replay_cache, fast_path), lookup=lookup)
     return out, df
 
 
@@ -118,22 +123,32 @@ def drafter_matches(drafter, prompt: list[int], tokens: list[int]) -> list[bool]
 
 
 def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_tokens: int,
-                  eos: set[int]) -> DecodeResult:
+                  eos: set[int], prompt: list[int] | None = None, lookup: int = 0) -> DecodeResult:
     """Greedy speculative decoding replayed from the target's greedy output and the drafter's teacher-forced
     matches, step for step as SpecDecoder runs it: while drafts match they *are* the target's tokens, so the
     drafter's prediction there is its teacher-forced one, and a step accepts the run of matches (capped by γ).
     Exact for MAL, accepted counts and per-position acceptance; `drafted` assumes the drafter does not emit an
-    end-of-sequence token right after a rejected draft (then the engine drafts fewer)."""
+    end-of-sequence token right after a rejected draft (then the engine drafts fewer). With `lookup`, a step
+    whose context suffix occurred before in `prompt` + tokens drafts the copy instead (as _LookupProposer)."""
     res = DecodeResult(tokens=list(tokens))
     n_tok, pos = len(tokens), 0
+    index = NGramIndex(lookup) if lookup else None
     while pos < n_tok:
         n = min(gamma, max_new_tokens - pos - 1)
+        copy = index.propose(list(prompt or []) + tokens[:pos], n) if index is not None and n > 0 else []
+        copy = next((copy[:i + 1] for i, t in enumerate(copy) if t in eos), copy)
+        res.looked_up += bool(copy)
         a = 0
-        while a < n and pos + a < n_tok and matches[pos + a]:
-            a += 1
-            if tokens[pos + a - 1] in eos:  # the drafter stops drafting after an end token
-                break
-        drafted = a if (a and tokens[pos + a - 1] in eos) else max(n, 0)
+        if copy:
+            while a < len(copy) and pos + a < n_tok and copy[a] == tokens[pos + a]:
+                a += 1
+            drafted = len(copy)
+        else:
+            while a < n and pos + a < n_tok and matches[pos + a]:
+                a += 1
+                if tokens[pos + a - 1] in eos:  # the drafter stops drafting after an end token
+                    break
+            drafted = a if (a and tokens[pos + a - 1] in eos) else max(n, 0)
         accepted = min(a, n_tok - 1 - pos)
         res.steps.append(Step(drafted=drafted, accepted=accepted))
         res.target_passes += 1
@@ -141,36 +156,38 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
     return res
 
 
-def _replayer(target, drafter, prompt: list[int], tokens: list[int], max_new_tokens: int, eos: set[int]):
+def _replayer(target, drafter, prompt: list[int], tokens: list[int], max_new_tokens: int, eos: set[int],
+              lookup: int = 0):
     """γ ↦ the replayed DecodeResult of one prompt: from teacher-forced matches (token drafters) or by running a
     feature drafter on the target's teacher-forced features."""
     if not is_feature_drafter(drafter):
         matches = drafter_matches(drafter, prompt, tokens)
-        return lambda g: replay_greedy(matches, tokens, g, max_new_tokens, eos)
+        return lambda g: replay_greedy(matches, tokens, g, max_new_tokens, eos, prompt, lookup)
     from sd2.specdec import cached
 
     feats = cached(target, len(prompt) + len(tokens)).forward(
         prompt + tokens[:-1], keep=1, hidden=feature_layers(drafter.config))[1] if tokens else None
-    return lambda g: replay_features(drafter, feats, prompt, tokens, g, max_new_tokens, eos)
+    return lambda g: replay_features(drafter, feats, prompt, tokens, g, max_new_tokens, eos, lookup)
 
 
 def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: list[int], gamma: int,
-                    max_new_tokens: int, eos: set[int]) -> DecodeResult:
+                    max_new_tokens: int, eos: set[int], lookup: int = 0) -> DecodeResult:
     """Greedy speculative decoding with a feature drafter replayed from the target's greedy output `tokens` and its
     features over prompt + tokens[:-1]: the drafter runs as in SpecDecoder (same proposer), the target's
     verification is read off `tokens`. Exact up to the rounding of one teacher-forced target pass against the
     engine's incremental ones (the engine check in replay_eval compares them)."""
-    from sd2.specdec import _FeatureProposer
+    from sd2.specdec import _FeatureProposer, _LookupProposer
 
     res = DecodeResult(tokens=list(tokens))
     if not tokens:
         return res
     prop = _FeatureProposer(drafter, eos, 0.0, None, capacity=len(prompt) + len(tokens) + gamma + 2)
+    prop = _LookupProposer(prop, lookup, eos) if lookup else prop
     ids, pos, n_tok = list(prompt), 0, len(tokens)
     with torch.inference_mode():
         while pos < n_tok:
             n = min(gamma, max_new_tokens - pos - 1)
-            drafts = prop.propose(ids, n)[0] if n > 0 and pos > 0 else []
+            drafts = prop.propose(ids, n)[0] if n > 0 else []  # none from the drafter before the target ran
             a = 0
             while a < len(drafts) and pos + a < n_tok and drafts[a] == tokens[pos + a]:
                 a += 1
@@ -181,12 +198,26 @@ def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: lis
             prop.observe(feats[len(ids) - 1 if pos else 0: len(ids) + accepted])
             ids += tokens[pos: pos + accepted + 1]
             pos += accepted + 1
+    res.looked_up = getattr(prop, "looked_up", 0)
     return res
+
+
+def greedy_output(base: SpecDecoder, ids: list[int], max_new_tokens: int, cache_dir: Path | None) -> list[int]:
+    """The target's greedy output for a prompt (`base`: target-only decoding). It does not depend on the drafter, so
+    it is computed once per target, numeric path and prompt and kept in `cache_dir`."""
+    f = cache_dir / (hashlib.sha256(json.dumps([ids, max_new_tokens]).encode()).hexdigest()[:24] + ".json") \
+        if cache_dir else None
+    if f is not None and f.exists():
+        return json.loads(f.read_text())
+    tokens = base.generate(ids, max_new_tokens).tokens
+    if f is not None:
+        write_json(tokens, f)
+    return tokens
 
 
 def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list[int], max_new_tokens: int,
                 cost_ratio: float, *, known: dict | None = None, engine: dict | None = None, engine_gamma: int = 4,
-                seed: int = 0, progress: bool = True, cache_dir: Path | None = None) -> dict:
+                seed: int = 0, progress: bool = True, cache_dir: Path | None = None, lookup: int = 0) -> dict:
     """Greedy MAL, acceptance and theoretical speedup at each γ from one target decode and one drafter pass per
     prompt; `known` target outputs are reused (and others kept in `cache_dir`), and prompts also run by the
     engine (`engine`) cross-check the replay against it."""
@@ -196,18 +227,8 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     per_prompt = []
     for p in tqdm(prompts, desc="replay", unit="prompt", disable=not progress):
         ids = encode_prompt(target_tok, p.text)
-        if p.id in known:
-            tokens = known[p.id]
-        else:  # the target's greedy output does not depend on the drafter: computed once per target and prompt
-            f = cache_dir / (hashlib.sha256(json.dumps([ids, max_new_tokens]).encode()).hexdigest()[:24] + ".json") \
-                if cache_dir else None
-            if f is not None and f.exists():
-                tokens = json.loads(f.read_text())
-            else:
-                tokens = base.generate(ids, max_new_tokens).tokens
-                if f is not None:
-                    write_json(tokens, f)
-        per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos)))
+        tokens = known[p.id] if p.id in known else greedy_output(base, ids, max_new_tokens, cache_dir)
+        per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos, lookup)))
     out = {"method": ("greedy replay: the target's greedy output and features (one teacher-forced target pass), the "
                       "drafter run step by step" if is_feature_drafter(drafter) else
                       "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt"),
@@ -387,7 +408,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                              uag=cfg.uag, context=cfg.context, progress=progress,
                              names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path,
-                             replay_gammas=cfg.replay_gammas, draft_threshold=cfg.draft_threshold,
+                             replay_gammas=cfg.replay_gammas, draft_threshold=cfg.draft_threshold, lookup=cfg.lookup,
                              replay_prompts=(load_prompts(cfg.prompts, cfg.categories, cfg.replay_limit)
                                              if cfg.replay_gammas and cfg.replay_limit else None),
                              replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]

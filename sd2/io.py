@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sd2.errors import writing
+
+_PRINT = builtins.print  # sd2 is imported before any flow runs, so this is the interpreter's own print
 
 
 def _finite(obj):
@@ -56,3 +59,17 @@ def publish_dir(out: str | Path):
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+
+
+def save_dataset(rows: list[dict], out: str | Path) -> None:
+    """Save rows as a `datasets` dir. datasets fingerprints a new table with dill, which reads `dis` output from a
+    captured stdout; under a print patched to log (Prefect's log_prints) that disassembly would land in the run's
+    log instead, so the interpreter's print is put back while the table is built."""
+    import datasets
+
+    patched, builtins.print = builtins.print, _PRINT
+    try:
+        ds = datasets.Dataset.from_list(rows)
+    finally:
+        builtins.print = patched
+    ds.save_to_disk(str(out))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from sd2.config import LOOKUP_MAX
 from sd2.device import synchronize
 from sd2.draftvocab import to_full, wide_head
 from sd2.eagle import feature_layers, is_feature_drafter, target_features
@@ -37,6 +38,7 @@ class DecodeResult:
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # the first step: prefill of the prompt (+ its drafts), first token(s)
     first_step_tokens: int = 0
+    looked_up: int = 0  # steps whose drafts came from prompt lookup
 
     @property
     def mal(self) -> float:
@@ -291,17 +293,75 @@ class _CrossVocabProposer:
         pass  # re-synchronised by common prefix on the next propose()
 
 
+class NGramIndex:
+    """Where each n-gram (min_n ≤ n ≤ LOOKUP_MAX) of a growing token list last occurred with a token after it:
+    prompt lookup's table, extended with the committed tokens only (one dict update per new position)."""
+
+    def __init__(self, min_n: int):
+        self.min_n, self.max_n = min_n, max(min_n, LOOKUP_MAX)
+        self.last: dict[tuple[int, ...], int] = {}  # n-gram → its latest start that has a following token
+        self.done = 0  # n-grams ending before this position are indexed
+
+    def propose(self, ids: list[int], k: int) -> list[int]:
+        """The k tokens that followed the latest earlier occurrence of the longest suffix of `ids` found (n ≥ min_n);
+        [] when none occurs earlier."""
+        for end in range(self.done + 1, len(ids)):  # n-grams ending at `end - 1`, followed by ids[end]
+            for n in range(self.min_n, self.max_n + 1):
+                if end - n >= 0:
+                    self.last[tuple(ids[end - n:end])] = end - n
+        self.done = max(self.done, len(ids) - 1)
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
+            start = self.last.get(tuple(ids[len(ids) - n:]))
+            if start is not None:
+                return ids[start + n:start + n + k]
+        return []
+
+
+class _LookupProposer:
+    """Prompt lookup in front of a drafter (Saxena 2023; vLLM's n-gram speculator): when the context's last n tokens
+    (n ≥ min_n) occurred before, draft what followed them there, else ask the drafter (none: draft nothing). Copying
+    is free and on small targets, which repeat their context and themselves, often right. Its drafts are a point
+    mass (no q), which rejection sampling treats exactly, so greedy stays lossless and sampling exact."""
+
+    def __init__(self, inner, min_n: int, eos: set[int]):
+        self.inner, self.index, self.eos = inner, NGramIndex(min_n), eos
+        self.reads = getattr(inner, "reads", None)
+        self.looked_up = 0  # steps whose drafts came from the context
+
+    def observe(self, feats: torch.Tensor) -> None:
+        self.inner.observe(feats)
+
+    def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        drafts = self.index.propose(ids, n)
+        for i, tok in enumerate(drafts):
+            if tok in self.eos:
+                drafts = drafts[:i + 1]
+                break
+        if drafts:
+            self.looked_up += 1
+            return drafts, None
+        return self.inner.propose(ids, n) if self.inner is not None else ([], None)
+
+    def accepted(self, ids: list[int]) -> None:
+        if self.inner is not None:
+            self.inner.accepted(ids)
+
+
 class SpecDecoder:
     """Speculative decoding of one prompt at a time.
 
-    `drafter=None` gives plain target-only decoding through the same forward path (the baseline).
+    `drafter=None` gives plain target-only decoding through the same forward path (the baseline); with `lookup`
+    it is prompt-lookup decoding alone.
     """
 
     def __init__(self, target, drafter=None, *, gamma: int = 4, temperature: float = 0.0,
                  target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False,
-                 draft_threshold: float | None = None):
+                 draft_threshold: float | None = None, lookup: int = 0):
         if gamma < 1:
             raise ValueError("gamma must be >= 1")
+        if lookup < 0:
+            raise ValueError("lookup must be >= 0 (0 = off)")
+        self.lookup = lookup  # prompt lookup in front of the drafter: the shortest n-gram it matches
         if draft_threshold is not None and not 0 < draft_threshold < 1:
             raise ValueError("draft_threshold must be in (0, 1)")
         self.draft_threshold = draft_threshold  # dynamic draft length: γ is the maximum
@@ -335,6 +395,8 @@ class SpecDecoder:
                 kind = _FeatureProposer if is_feature_drafter(self.drafter) else _SameVocabProposer
                 proposer = kind(self.drafter, self.eos, self.temperature, gen, capacity=capacity,
                                 threshold=self.draft_threshold)
+        if self.lookup:
+            proposer = _LookupProposer(proposer, self.lookup, self.eos)
         features = getattr(proposer, "reads", None)  # a feature drafter: the target also returns its features
         ids = list(prompt)
         res = DecodeResult(tokens=[])
@@ -369,6 +431,7 @@ class SpecDecoder:
                 break
         synchronize(self.target.device)
         res.seconds = time.perf_counter() - t0
+        res.looked_up = getattr(proposer, "looked_up", 0)
         return res
 
     def _verify(self, logits: torch.Tensor, drafts: list[int], qs, gen) -> tuple[int, int]:

@@ -64,7 +64,7 @@ def test_encode_prompt_without_template(tok300):
 
 
 def test_seed_mix_parses_limits_and_magpie(tmp_path):
-    from sd2.data import load_seed_mix, mix_digest, parse_seed_mix
+    from sd2.data import limit_applies, load_seed_mix, mix_digest, parse_seed_mix
 
     a = tmp_path / "a.jsonl"
     a.write_text("".join(f'{{"prompt": "a{i}"}}\n' for i in range(5)))
@@ -77,6 +77,9 @@ def test_seed_mix_parses_limits_and_magpie(tmp_path):
     assert mix_digest(str(a)) != mix_digest(f"{a}:2+{b}:3")
     single, n = load_seed_mix(str(a), limit=3)
     assert [p.id for p in single] == ["0", "1", "2"] and n == 0  # one file: ids as before
+    # --limit caps the sources that name none; a mix whose every source names its own ignores it
+    assert limit_applies(str(a)) and limit_applies(f"{a}:2+{b}") and not limit_applies(f"{a}:2+{b}:3+magpie:7")
+    assert [p.text for p in load_seed_mix(f"{a}:2+{b}", limit=1)[0]] == ["a0", "a1", "b0"]
 
 
 @pytest.mark.parametrize("spec, needle", [("magpie", "how many"), ("a.jsonl:0", "limit"), ("+x.jsonl", "empty")])

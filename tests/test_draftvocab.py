@@ -51,6 +51,23 @@ def test_only_draft_tokens_are_proposed():
     assert len(drafts) == 6 and set(drafts) <= set(ids)
 
 
+def test_layer_pruning_keeps_the_compact_head(tmp_path, tok300):
+    """Dropping layers of a compact-head drafter (the pipeline's layer-pruned baseline) keeps its head rows and map,
+    and the result saves and loads with them."""
+    from sd2.prune.layers import keep_layers
+
+    t = make_llama(len(tok300), layers=3, seed=1, hidden=64)
+    d, ids = _compact(perturbed(t, 0.2, seed=2), 64)
+    lp = keep_layers(d, [0, 2])
+    assert lp.config.num_hidden_layers == 2 and draftvocab.draft_ids(lp).tolist() == ids
+    assert torch.equal(lp.get_output_embeddings().weight, d.get_output_embeddings().weight)
+    save_model(lp, tok300, tmp_path / "lp")
+    back, _ = load_model(str(tmp_path / "lp"))
+    assert draftvocab.draft_ids(back).tolist() == ids
+    x = torch.tensor([PROMPT])
+    assert torch.allclose(back(x).logits, lp(x).logits, atol=1e-5)
+
+
 def test_map_round_trips_through_save_load_and_plain_transformers(tmp_path, tok300):
     t = make_llama(len(tok300), layers=2, seed=1, eos=tok300.eos_token_id, hidden=64)
     d, ids = _compact(perturbed(t, 0.2, seed=2), 64)

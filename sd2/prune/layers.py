@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
+from sd2 import draftvocab
 from sd2.errors import UserError
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -56,6 +57,8 @@ def keep_layers(model, keep: list[int]):
             key = f"{m.group(1)}{remap[old]}{m.group(3)}"
         sd[key] = val
     new = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    if draftvocab.draft_ids(model) is not None:  # a compact draft head: the same rows (and map) in the new model
+        draftvocab.compact_head(new, draftvocab.draft_ids(model).tolist())
     missing, unexpected = new.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k.startswith("lm_head") and getattr(cfg, "tie_word_embeddings", False))]
     if missing or unexpected:
