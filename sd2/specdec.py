@@ -165,6 +165,25 @@ def _draft_token(logits: torch.Tensor, temperature: float, gen: torch.Generator 
     return int(logits.argmax()), None
 
 
+def _draft_chain(prop, logits: torch.Tensor, step, n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+    """Up to n drafts of a proposer (its eos, temperature, generator, threshold and full-vocabulary map): `logits`
+    predict the first, `step(token)` appends a draft and returns the logits after it. Stops at an unsure drafter
+    (dynamic draft length) and after an end token; the drafter's q per draft when sampling."""
+    drafts: list[int] = []
+    qs: list[torch.Tensor] = []
+    for i in range(n):
+        tok, q = _draft_token(prop.full(logits[-1]), prop.temperature, prop.gen, prop.threshold)
+        if tok is None:
+            break
+        if q is not None:
+            qs.append(q)
+        drafts.append(tok)
+        if tok in prop.eos or i == n - 1:
+            break
+        logits = step(tok)
+    return drafts, (qs if prop.temperature > 0 else None)
+
+
 class _SameVocabProposer:
     """Drafter sharing the target's tokenizer: proposes ids directly, with its probabilities when sampling."""
 
@@ -176,23 +195,17 @@ class _SameVocabProposer:
         self.full = to_full(drafter)  # a compact draft head's logits, placed in the full vocabulary
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        if n <= 0:
+            return [], None
         if len(self.d.ids) >= len(ids):
             self.d.rollback(len(ids) - 1)
-        drafts: list[int] = []
-        qs: list[torch.Tensor] = []
         seq = list(ids)
-        for _ in range(n):
-            tok, q = _draft_token(self.full(self.d.forward(seq, keep=1)[-1]), self.temperature, self.gen,
-                                  self.threshold)
-            if tok is None:
-                break
-            if q is not None:
-                qs.append(q)
-            drafts.append(tok)
+
+        def step(tok: int) -> torch.Tensor:
             seq.append(tok)
-            if tok in self.eos:
-                break
-        return drafts, (qs if self.temperature > 0 else None)
+            return self.d.forward(seq, keep=1)
+
+        return _draft_chain(self, self.d.forward(seq, keep=1), step, n)
 
     def accepted(self, ids: list[int]) -> None:
         self.d.rollback(len(ids))
@@ -229,20 +242,14 @@ class _FeatureProposer:
         seq = ids[1: len(ids)]  # pair j's token is x_{j+1}
         logits, h = self.d.forward(seq, keep=1, feats=self.feats[0][self.true_pairs:], hidden=True)
         self.true_pairs = len(seq)
-        drafts: list[int] = []
-        qs: list[torch.Tensor] = []
-        for i in range(n):
-            tok, q = _draft_token(self.full(logits[-1]), self.temperature, self.gen, self.threshold)
-            if tok is None:
-                break
-            if q is not None:
-                qs.append(q)
-            drafts.append(tok)
-            if tok in self.eos or i == n - 1:
-                break
+        last = [h]
+
+        def step(tok: int) -> torch.Tensor:  # the next pair reads the drafter's own feature of the last one
             seq.append(tok)
-            logits, h = self.d.forward(seq, keep=1, feats=h[-1:], hidden=True)
-        return drafts, (qs if self.temperature > 0 else None)
+            out, last[0] = self.d.forward(seq, keep=1, feats=last[0][-1:], hidden=True)
+            return out
+
+        return _draft_chain(self, logits, step, n)
 
     def accepted(self, ids: list[int]) -> None:
         pass  # rolled back to the pairs built from real features on the next propose()
