@@ -293,7 +293,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         # a feature drafter is built from the target inside training; other drafters start from a layer slice
         base = cfg.target if cfg.feature_drafter else derive_task(base_model, cfg.derive_settings())
         # seed answers as more training text (teacher-forced: a feature drafter learns the target's logits on it)
-        extra = self_distill(cfg.target, cfg.reference_seeds, cfg.distill_settings("reference")) \
+        extra = self_distill(cfg.target, cfg.reference_seeds, cfg.distill_settings("reference", cfg.reference_seeds)) \
             if cfg.reference_seeds else None
         dense = train_drafter(base, data, cfg.train_settings(), extra_data=extra)
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,

@@ -457,9 +457,14 @@ class PipelineConfig(_Base):
 
     # The library settings of each stage, from the form's fields (call on a resolved config): the one place where
     # pipeline names meet library names.
-    def distill_settings(self, mode: str | None = None) -> "DistillSettings":
-        mode = mode or self.distill_mode
-        return DistillSettings(mode=mode, limit=self.distill_limit,
+    def distill_settings(self, mode: str | None = None, seeds: str | None = None) -> "DistillSettings":
+        """For distilling `seeds` (default: seed_prompts) in `mode`."""
+        from sd2.data import limit_applies
+
+        mode, seeds = mode or self.distill_mode, seeds or self.seed_prompts
+        # a limit no source uses stays out of the settings (and the stage's cache key)
+        limit = self.distill_limit if seeds is None or limit_applies(seeds) else None
+        return DistillSettings(mode=mode, limit=limit,
                                max_new_tokens=self.distill_max_new_tokens, batch_size=self.distill_batch_size,
                                threads=self.threads, device=self.device, dtype=self.dtype,
                                store_topk=self.distill_store_topk if mode != "reference" else 0,

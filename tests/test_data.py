@@ -80,6 +80,10 @@ def test_seed_mix_parses_limits_and_magpie(tmp_path):
     # --limit caps the sources that name none; a mix whose every source names its own ignores it
     assert limit_applies(str(a)) and limit_applies(f"{a}:2+{b}") and not limit_applies(f"{a}:2+{b}:3+magpie:7")
     assert [p.text for p in load_seed_mix(f"{a}:2+{b}", limit=1)[0]] == ["a0", "a1", "b0"]
+    from sd2.config import PipelineConfig  # ... and stays out of the pipeline's distillation settings (cache key)
+
+    assert PipelineConfig(seed_prompts=f"{a}:2+{b}:3").resolved().distill_settings().limit is None
+    assert PipelineConfig(seed_prompts=str(a)).resolved().distill_settings().limit == 160  # the quick profile's
 
 
 @pytest.mark.parametrize("spec, needle", [("magpie", "how many"), ("a.jsonl:0", "limit"), ("+x.jsonl", "empty")])
