@@ -175,3 +175,14 @@ def test_eval_dynamic_draft_length(tiny, tmp_path):
     assert res["lossless"] is True and res["draft_threshold"] == 0.6 and 0 <= res["mean_drafted"] <= 4
     code, text = _run(*_eval_args(tiny, tmp_path / "e.json", "--draft-threshold", 1.5))
     assert code == 2 and "draft-threshold" in text and not (tmp_path / "e.json").exists()
+
+
+def test_eval_with_prompt_lookup(tiny, tmp_path):
+    out = tmp_path / "l.json"
+    code, text = _run(*_eval_args(tiny, out, "--lookup", 1, "--limit", 2, "--replay-gammas", "2,4"))
+    assert code == 0, text
+    res = json.loads(out.read_text())
+    assert res["lossless"] is True and res["lookup"] == 1 and 0 <= res["lookup_step_share"] <= 1
+    assert res["replay"]["engine_check"]["prompts_equal"] == res["replay"]["engine_check"]["n_prompts"]
+    code, text = _run(*_eval_args(tiny, tmp_path / "e.json", "--lookup", 7))
+    assert code == 2 and "lookup" in text and len(text.strip().splitlines()) == 1 and not (tmp_path / "e.json").exists()
