@@ -24,7 +24,7 @@ from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads 
 from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
-from sd2.specdec import DecodeResult, NGramIndex, SpecDecoder, Step, eos_ids
+from sd2.specdec import DecodeResult, SpecDecoder, Step, _LookupProposer, eos_ids
 
 
 def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_token: float = 1.0) -> float:
@@ -132,12 +132,10 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
     whose context suffix occurred before in `prompt` + tokens drafts the copy instead (as _LookupProposer)."""
     res = DecodeResult(tokens=list(tokens))
     n_tok, pos = len(tokens), 0
-    index = NGramIndex(lookup) if lookup else None
+    copier = _LookupProposer(None, lookup, eos) if lookup else None  # the engine's, with no drafter behind it
     while pos < n_tok:
         n = min(gamma, max_new_tokens - pos - 1)
-        copy = index.propose(list(prompt or []) + tokens[:pos], n) if index is not None and n > 0 else []
-        copy = next((copy[:i + 1] for i, t in enumerate(copy) if t in eos), copy)
-        res.looked_up += bool(copy)
+        copy = copier.propose(list(prompt or []) + tokens[:pos], n)[0] if copier is not None and n > 0 else []
         a = 0
         if copy:
             while a < len(copy) and pos + a < n_tok and copy[a] == tokens[pos + a]:
@@ -153,6 +151,7 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
         res.steps.append(Step(drafted=drafted, accepted=accepted))
         res.target_passes += 1
         pos += accepted + 1
+    res.looked_up = copier.looked_up if copier is not None else 0
     return res
 
 
@@ -176,7 +175,7 @@ def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: lis
     features over prompt + tokens[:-1]: the drafter runs as in SpecDecoder (same proposer), the target's
     verification is read off `tokens`. Exact up to the rounding of one teacher-forced target pass against the
     engine's incremental ones (the engine check in replay_eval compares them)."""
-    from sd2.specdec import _FeatureProposer, _LookupProposer
+    from sd2.specdec import _FeatureProposer
 
     res = DecodeResult(tokens=list(tokens))
     if not tokens:

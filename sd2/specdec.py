@@ -242,11 +242,11 @@ class _FeatureProposer:
         seq = ids[1: len(ids)]  # pair j's token is x_{j+1}
         logits, h = self.d.forward(seq, keep=1, feats=self.feats[0][self.true_pairs:], hidden=True)
         self.true_pairs = len(seq)
-        last = [h]
 
         def step(tok: int) -> torch.Tensor:  # the next pair reads the drafter's own feature of the last one
+            nonlocal h
             seq.append(tok)
-            out, last[0] = self.d.forward(seq, keep=1, feats=last[0][-1:], hidden=True)
+            out, h = self.d.forward(seq, keep=1, feats=h[-1:], hidden=True)
             return out
 
         return _draft_chain(self, logits, step, n)
