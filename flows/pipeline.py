@@ -295,11 +295,13 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         # seed answers as more training text (teacher-forced: a feature drafter learns the target's logits on it)
         extra = self_distill(cfg.target, cfg.reference_seeds, cfg.distill_settings("reference", cfg.reference_seeds)) \
             if cfg.reference_seeds else None
-        dense = train_drafter(base, data, cfg.train_settings(), extra_data=extra)
+        # train_steps 0: the sweep prunes the derived drafter as cut (the target's own depth, made cheap by sparsity)
+        dense = train_drafter(base, data, cfg.train_settings(), extra_data=extra) if cfg.train_steps else base
         cells = prune_sweep(SweepConfig(target=cfg.target, drafter=dense, data=data, sweep=cfg.sweep,
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, train_loss=cfg.train_loss, packing=cfg.packing,
+                                        draft_vocab=cfg.draft_vocab,
                                         threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,
@@ -315,7 +317,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         drafters = [DrafterSpec(name="derived-untuned", path=base, params={
             **common, "kind": "untuned", "train.steps": 0})] if cfg.untuned_baseline and not cfg.feature_drafter else []
         kind = "feature" if cfg.feature_drafter else "dense"
-        drafters.append(DrafterSpec(name=f"{kind}-self-distilled", path=dense, params={**common, "kind": kind}))
+        if cfg.train_steps:  # untrained, it is the derived drafter (the untuned baseline when asked for)
+            drafters.append(DrafterSpec(name=f"{kind}-self-distilled", path=dense, params={**common, "kind": kind}))
         if cfg.sft_baseline:  # the same drafter and budget, trained on the seed answers instead of the target's
             ref = self_distill(cfg.target, seeds, cfg.distill_settings("reference"))
             sft = train_drafter(base, ref, cfg.train_settings(loss="sft"))

@@ -425,7 +425,9 @@ class PipelineConfig(_Base):
     distill_limit: int | None = Field(None, ge=1)
     distill_max_new_tokens: int | None = Field(None, ge=1)
     distill_batch_size: int | None = Field(None, ge=1)
-    train_steps: int | None = Field(None, ge=1)
+    train_steps: int | None = Field(None, ge=0, description="steps of the drafter's dense training; 0: none, the "
+                                    "sweep prunes the derived drafter as cut (e.g. drafter_layers '0--1': the "
+                                    "target's own depth, made cheap by sparsity alone)")
     sparse_ft_steps: int | None = Field(None, ge=0)
     train_batch_size: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
@@ -440,6 +442,13 @@ class PipelineConfig(_Base):
                              "prune: false (a feature drafter is one layer already)")
         if self.feature_drafter and self.drafter_base:
             raise ValueError("feature_drafter: a feature drafter is built from the target itself; drop drafter_base")
+        if self.train_steps == 0 and self.sft_baseline:
+            raise ValueError("train_steps: 0 leaves the plain-SFT baseline no budget to match (it trains as long as "
+                             "the dense drafter); set sft_baseline: false or train_steps ≥ 1")
+        if self.train_steps == 0 and (self.feature_drafter or not self.prune):
+            raise ValueError("train_steps: 0 skips dense training, which leaves nothing to evaluate without the prune "
+                             "sweep (and a feature drafter is only made by training); set train_steps ≥ 1 or "
+                             "prune: true")
         if self.magpie_openers != "none" and "magpie:" not in (self.seed_prompts or ""):
             raise ValueError(f"magpie_openers: {self.magpie_openers} starts self-written seeds, and seed_prompts has "
                              "none; add e.g. +magpie:240 to seed_prompts, or set magpie_openers: none")
@@ -540,6 +549,8 @@ class SweepConfig(_Base):
     train_loss: Literal["sft", "kd"] = Field("sft", description="loss of sparse fine-tuning (kd: the target's "
                                              "logits, stored ones when the data has them)")
     packing: bool = Field(False, description="pack sparse fine-tuning examples into full seq_len blocks")
+    draft_vocab: int | None = Field(None, ge=0, description="give a cell that has a full-size head a compact one of "
+                                    "K target tokens while it is sparse fine-tuned (drafters that have one keep it)")
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
@@ -555,5 +566,6 @@ class SweepConfig(_Base):
         """Sparse fine-tuning of a cell (the masks of the pruned model are kept)."""
         return TrainSettings(max_steps=max(self.sparse_ft_steps, 1), batch_size=self.train_batch_size,
                              seq_len=self.seq_len, lr=self.lr, threads=self.threads, loss=self.train_loss,
-                             packing=self.packing, save_steps=max(self.sparse_ft_steps, 1), device=self.device,
+                             packing=self.packing, draft_vocab=self.draft_vocab,
+                             save_steps=max(self.sparse_ft_steps, 1), device=self.device,
                              dtype=self.dtype)

@@ -61,10 +61,10 @@ def eval_file(harness):
 def _config(tiny_target, seed_file, eval_file, **kw):
     from sd2.config import PipelineConfig, SweepGrid
 
+    kw = {"drafter_layers": "0,-1", "sweep": SweepGrid(methods=["sparsegpt", "wanda"],
+                                                       patterns=["unstructured", "2:4"], sparsities=[0.5]), **kw}
     return PipelineConfig(profile="tiny", target=str(tiny_target), seed_prompts=str(seed_file),
-                          eval_prompts=str(eval_file), drafter_layers="0,-1",
-                          sweep=SweepGrid(methods=["sparsegpt", "wanda"], patterns=["unstructured", "2:4"],
-                                          sparsities=[0.5]), **kw)
+                          eval_prompts=str(eval_file), **kw)
 
 
 def _task_states(since):
@@ -265,6 +265,46 @@ def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harn
     model_dir = Path(run["tags.sd2.model_dir"])
     assert json.loads((model_dir / "sd2_train.json").read_text())["kd_teacher"] == "stored"
     assert len(json.loads((model_dir / "draft_vocab.json").read_text())["draft_ids"]) == 64
+
+
+def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(harness, tiny_target, seed_file,
+                                                                              eval_file):
+    """configs/drafter-smollm2-sparse.yaml's shape: train_steps 0 and drafter_layers '0--1' → the sweep prunes a
+    copy of the whole target, and sparse fine-tuning (KD from stored logits) gives it the compact head; the
+    layer-pruned baseline is cut from the same copy with matched MACs. No dense drafter is evaluated (untrained,
+    it would be the target itself)."""
+    import mlflow
+
+    from flows.pipeline import sd2_pipeline
+    from sd2 import tracking
+    from sd2.config import PipelineConfig, SweepGrid
+    from sd2.metrics import linear_nonzeros
+    from sd2.models import load_model
+
+    cfg = _config(tiny_target, seed_file, eval_file, name="sparse-recipe", drafter_layers="0--1", train_steps=0,
+                  sweep=SweepGrid(methods=["sparsegpt"], patterns=["unstructured"], sparsities=[0.7]),
+                  distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, untuned_baseline=False,
+                  register_champion=False)
+    rows = sd2_pipeline(cfg)
+    assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7", "layer-pruned-0.7"]
+    assert all(r["lossless"] for r in rows)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                             filter_string="attributes.run_name = 'sparsegpt-unstructured-0.7'",
+                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert run["params.train.steps"] == "0"
+    sparse = Path(run["tags.sd2.model_dir"])
+    assert len(json.loads((sparse / "draft_vocab.json").read_text())["draft_ids"]) == 64
+    assert json.loads((sparse / "sd2_train.json").read_text())["kd_teacher"] == "stored"
+    model, _ = load_model(str(sparse), with_tokenizer=False)
+    target, _ = load_model(str(tiny_target), with_tokenizer=False)
+    assert model.config.num_hidden_layers == target.config.num_hidden_layers
+    body = {k: v for k, v in linear_nonzeros(model).items() if "_proj" in k}
+    assert body and all(nnz <= 0.31 * total for nnz, total in body.values())  # the masks survived fine-tuning
+    with pytest.raises(ValueError, match="train_steps: 0 skips dense training"):
+        PipelineConfig(train_steps=0, prune=False)
+    with pytest.raises(ValueError, match="train_steps: 0 leaves the plain-SFT baseline"):
+        PipelineConfig(train_steps=0, sft_baseline=True)
 
 
 def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_file, eval_file):
