@@ -549,8 +549,8 @@ class SweepConfig(_Base):
     train_loss: Literal["sft", "kd"] = Field("sft", description="loss of sparse fine-tuning (kd: the target's "
                                              "logits, stored ones when the data has them)")
     packing: bool = Field(False, description="pack sparse fine-tuning examples into full seq_len blocks")
-    draft_vocab: int | None = Field(None, ge=0, description="give a cell that has a full-size head a compact one of "
-                                    "K target tokens while it is sparse fine-tuned (drafters that have one keep it)")
+    draft_vocab: int = Field(0, ge=0, description="give a cell that has a full-size head a compact one of K target "
+                             "tokens while it is sparse fine-tuned (0: none; drafters that have one keep it)")
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
