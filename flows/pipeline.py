@@ -301,7 +301,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, train_loss=cfg.train_loss, packing=cfg.packing,
-                                        draft_vocab=cfg.draft_vocab or 0,
+                                        draft_vocab=cfg.draft_vocab,
                                         threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,

@@ -436,7 +436,8 @@ class PipelineConfig(_Base):
     eval_max_new_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _feature_drafter_recipe(self) -> "PipelineConfig":
+    def _stages_fit_together(self) -> "PipelineConfig":
+        """Field combinations whose stages cannot run together (each named with its fix)."""
         if self.feature_drafter and self.prune:
             raise ValueError("feature_drafter: the prune sweep needs a drafter cut from the target's layers; set "
                              "prune: false (a feature drafter is one layer already)")

@@ -189,7 +189,8 @@ def test_every_shipped_config_is_a_valid_pipeline_form():
     assert len(files) >= 4
     for f in files:
         cfg = PipelineConfig.build(**yaml.safe_load(f.read_text()))
-        assert cfg.name and cfg.resolved().train_steps is not None and cfg.resolved().sparse_ft_steps is not None
+        resolved = cfg.resolved()
+        assert cfg.name and resolved.train_steps is not None and resolved.sparse_ft_steps is not None
     recipe = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2.yaml").read_text()))
     assert recipe.feature_drafter and not recipe.prune and recipe.reference_seeds
     sparse = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2-sparse.yaml").read_text()))
