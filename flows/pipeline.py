@@ -72,8 +72,8 @@ def _run_cell(model: str, data: str, prune: PruneSettings, train: TrainSettings 
     """prune → sparse fine-tune (masks kept): the body of a sweep cell, in-process or as a deployment run."""
     pruned = prune_task(model, data, prune)
     final = train_task(pruned, data, train) if train is not None else pruned
-    return {"method": prune.method, "pattern": prune.pattern, "sparsity": prune.sparsity, "pruned": pruned,
-            "model": final}
+    return {"method": prune.method, "pattern": prune.pattern, "sparsity": prune.sparsity,
+            "allocation": prune.allocation, "pruned": pruned, "model": final}
 
 
 @flow(name="sweep-cell", log_prints=True)
@@ -98,7 +98,12 @@ def _dump(obj):
 
 
 def _cell_name(c: dict) -> str:
-    return f"{c['method']}-{c['pattern'].replace(':', 'of')}-{c['sparsity']:g}"
+    owl = "-owl" if c.get("allocation", "uniform") != "uniform" else ""
+    return f"{c['method']}-{c['pattern'].replace(':', 'of')}-{c['sparsity']:g}{owl}"
+
+
+def _prune_params(c: dict) -> dict:
+    return {k: c[k] for k in ("method", "pattern", "sparsity", "allocation") if k in c}
 
 
 def _failed_cell(log, c: dict, exc: Exception) -> dict:
@@ -155,7 +160,7 @@ def prune_sweep(config: SweepConfig, fail_on_failed_cells: bool = True) -> list[
             done.append(_failed_cell(log, c, exc))
     if config.eval is not None:
         drafters = [DrafterSpec(name=_cell_name(r), path=r["model"],
-                                params={"kind": "sparse", "prune": {k: r[k] for k in ("method", "pattern", "sparsity")},
+                                params={"kind": "sparse", "prune": _prune_params(r),
                                         "init": config.drafter}) for r in done if "model" in r]
         parent = tracking.start_parent(config.eval.target, "prune-sweep", tags=_prefect_tags(),
                                        params=json.loads(config.model_dump_json()))
@@ -301,13 +306,14 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                         calib_samples=cfg.calib_samples, seq_len=cfg.seq_len,
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, train_loss=cfg.train_loss, packing=cfg.packing,
-                                        draft_vocab=cfg.draft_vocab,
+                                        draft_vocab=cfg.draft_vocab, layer_kd=cfg.layer_kd,
                                         threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,
                   "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
+                       "sparse_ft.layer_kd": cfg.layer_kd,
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
                        "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds,
                        "distill.magpie_openers": cfg.magpie_openers,
@@ -327,7 +333,7 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
         for c in cells:
             if "model" in c:
                 drafters.append(DrafterSpec(name=_cell_name(c), path=c["model"], params={
-                    **common, "kind": "sparse", "prune": {k: c[k] for k in ("method", "pattern", "sparsity")},
+                    **common, "kind": "sparse", "prune": _prune_params(c),
                     "sparse_ft.steps": cfg.sparse_ft_steps}))
         if cfg.layer_baseline and cells:
             drafters += _layer_baselines(cfg, cells, dense, base_model, data, common)

@@ -174,6 +174,8 @@ def train_cmd(
     kd_divergence: str = typer.Option("fkl", help="fkl | tv"),
     kd_teacher: str = typer.Option("auto", help="auto | stored (top-k logits kept by distill --store-topk) | live"),
     draft_vocab: int = typer.Option(0, help="compact head over the K most frequent tokens of the data (0 = full)"),
+    layer_kd: float = typer.Option(0.0, help="weight of a per-layer hidden-state loss against the teacher "
+                                   "(drafters as deep as the target; 0 = off)"),
     freeze_embeddings: bool = typer.Option(False, help="keep the input embeddings fixed"),
     feature_drafter: bool = typer.Option(False, help="EAGLE-style drafter reading the target's hidden states "
                                          "(--init is then the target)"),
@@ -208,7 +210,8 @@ def train_cmd(
                             grad_accum=grad_accum, seq_len=seq_len, warmup_ratio=warmup_ratio,
                             weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
                             kd_divergence=kd_divergence, kd_teacher=kd_teacher, draft_vocab=draft_vocab,
-                            freeze_embeddings=freeze_embeddings, curve_dir=curve_dir, save_steps=save_steps,
+                            layer_kd=layer_kd, freeze_embeddings=freeze_embeddings, curve_dir=curve_dir,
+                            save_steps=save_steps,
                             feature_drafter=feature_drafter, feature_layer=feature_layer,
                             feature_layers=feature_layers, feature_unroll=feature_unroll,
                             feature_reads=feature_reads, feature_dtype=feature_dtype, feature_freeze=feature_freeze,
@@ -255,6 +258,10 @@ def prune_cmd(
     calib_samples: int = typer.Option(32, help="calibration samples"),
     seq_len: int = typer.Option(256, help="tokens per calibration sample"),
     layer_filter: str = typer.Option(r"(self_attn|mlp)\.\w+_proj$", "--filter", help="regex on decoder linear names"),
+    allocation: str = typer.Option("uniform", help="uniform | owl (per-layer sparsity from activation outliers, "
+                                   "same mean)"),
+    owl_lambda: float = typer.Option(0.08, help="owl: layer sparsities span sparsity ± lambda"),
+    owl_m: float = typer.Option(5.0, help="owl: a score is an outlier above M × its layer's mean"),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None),
     overwrite: bool = typer.Option(False),
@@ -266,7 +273,8 @@ def prune_cmd(
 
     meta = prune_to_dir(model, method, out, sparsity=sparsity, pattern=pattern, calib=calib,
                         calib_samples=calib_samples, seq_len=seq_len, layer_filter=layer_filter, seed=seed,
-                        threads=threads, overwrite=overwrite, device=device, dtype=dtype)
+                        threads=threads, overwrite=overwrite, device=device, dtype=dtype, allocation=allocation,
+                        owl_lambda=owl_lambda, owl_m=owl_m)
     typer.echo(f"{method} {pattern} → sparsity {meta['sparsity']:.4f} over {len(meta['layers'])} layers "
                f"in {meta['seconds']:.1f}s → {out}")
 
@@ -447,6 +455,8 @@ def sweep_cmd(
     methods: str = typer.Option("sparsegpt", help="comma-separated: sparsegpt,wanda,magnitude"),
     patterns: str = typer.Option("unstructured", help="comma-separated: unstructured,2:4"),
     sparsities: str = typer.Option("0.5", help="comma-separated unstructured sparsities"),
+    allocation: str = typer.Option("uniform", help="uniform | owl: per-layer sparsity of the unstructured cells"),
+    owl_lambda: float = typer.Option(0.08, help="owl: layer sparsities span sparsity ± lambda"),
     ft_steps: int = typer.Option(30, "--sparse-ft-steps", "--ft-steps", help="sparse fine-tuning steps per cell"),
     eval_limit: int = typer.Option(8),
     gamma: int = typer.Option(4),
@@ -462,7 +472,8 @@ def sweep_cmd(
     except ValueError as exc:
         raise UserError(f"--sparsities: {exc}; give numbers in [0, 1) such as 0.3,0.5") from None
     grid = SweepGrid.build(methods=[m for m in methods.split(",") if m],
-                           patterns=[p for p in patterns.split(",") if p], sparsities=values)
+                           patterns=[p for p in patterns.split(",") if p], sparsities=values,
+                           allocation=allocation, owl_lambda=owl_lambda)
     cfg = SweepConfig.build(target=target, drafter=drafter, data=str(data), sweep=grid, sparse_ft_steps=ft_steps,
                             threads=threads, device=device, dtype=dtype,
                             eval=EvalSettings.build(target=target, limit=eval_limit, gamma=gamma, threads=threads,

@@ -50,6 +50,11 @@ Sparsity = Annotated[float, Field(ge=0.0, lt=1.0, description="share of weights 
 Pattern = Annotated[str, Field(pattern=_PATTERN_RE,
                                description="unstructured, or N:M with 0 < N < M such as 2:4"),
                     AfterValidator(_check_pattern)]
+Allocation = Annotated[Literal["uniform", "owl"], Field(
+    description="how the sparsity is spread over layers: uniform, or owl (layers richer in activation outliers "
+    "keep more weights; the mean, hence the MACs, is unchanged)")]
+OwlLambda = Annotated[float, Field(ge=0.0, lt=0.5, description="owl: layer sparsities span sparsity ± lambda")]
+OwlM = Annotated[float, Field(gt=0.0, description="owl: a Wanda score is an outlier above M × its layer's mean")]
 Gamma = Annotated[int, Field(ge=1, le=64, description="draft tokens per verification")]
 LayerList = Annotated[str, Field(pattern=_LAYERS_RE,
                                  description="layers kept, e.g. '0-8,-1' (negative = from the end)"),
@@ -218,6 +223,9 @@ class TrainSettings(DevicePlacement):
         "live = run the teacher every step; auto = stored when the data has them")
     draft_vocab: int = Field(0, ge=0, description="compact drafter head over the K most frequent tokens of the data "
                              "(0 = full head); the map is saved beside the weights")
+    layer_kd: float = Field(0.0, ge=0, description="weight of a per-layer hidden-state loss (SquareHead, Kurtic et "
+                            "al. 2023): each decoder layer's output matched to the teacher's, normalised by the "
+                            "teacher's; for a drafter as deep and wide as the target (a sparse copy); 0 = off")
     freeze_embeddings: bool = Field(False, description="keep the input embeddings fixed (the target's own)")
     feature_drafter: bool = Field(False, description="train a feature drafter (EAGLE-style: one layer reading the "
                                   "target's hidden states; --init is then the target)")
@@ -278,6 +286,9 @@ class PruneSettings(DevicePlacement):
     calib_samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)
     layer_filter: str = r"(self_attn|mlp)\.\w+_proj$"
+    allocation: Allocation = "uniform"
+    owl_lambda: OwlLambda = 0.08
+    owl_m: OwlM = 5.0
     seed: int = 0
     threads: int | None = Field(None, ge=1)
 
@@ -300,6 +311,9 @@ class SweepGrid(_Base):
     methods: list[Method] = Field(["sparsegpt"], min_length=1)
     patterns: list[Pattern] = Field(["unstructured"], min_length=1)
     sparsities: list[Sparsity] = Field([0.5], min_length=1, description="sparsities of the unstructured cells")
+    allocation: Allocation = "uniform"
+    owl_lambda: OwlLambda = 0.08
+    owl_m: OwlM = 5.0
 
     def cells(self) -> list[dict]:
         from sd2.prune.masks import parse_pattern
@@ -310,9 +324,10 @@ class SweepGrid(_Base):
                 nm = parse_pattern(p)
                 for s in (self.sparsities if nm is None else [round(1 - nm[0] / nm[1], 4)]):
                     key = (m, p, s)
-                    if key not in seen:
+                    if key not in seen:  # N:M cells fix every layer's sparsity, magnitude has no activations
                         seen.add(key)
-                        out.append({"method": m, "pattern": p, "sparsity": s})
+                        alloc = self.allocation if nm is None and m != "magnitude" else "uniform"
+                        out.append({"method": m, "pattern": p, "sparsity": s, "allocation": alloc})
         return out
 
 
@@ -407,6 +422,8 @@ class PipelineConfig(_Base):
     draft_vocab: int | None = Field(None, ge=0, description="compact drafter head over the K most frequent target "
                                     "tokens of the distilled data (0 = the full head; default: the profile's)")
     freeze_embeddings: bool = Field(False, description="keep the drafter's input embeddings fixed")
+    layer_kd: float = Field(0.0, ge=0, description="sparse fine-tuning: weight of a per-layer hidden-state loss "
+                            "against the target (cells as deep as the target: drafter_layers '0--1'); 0 = off")
     packing: bool | None = Field(None, description="pack training examples into full seq_len blocks (default: the "
                                  "profile's)")
     feature_drafter: bool = Field(False, description="train an EAGLE-style feature drafter (one layer reading the "
@@ -450,6 +467,9 @@ class PipelineConfig(_Base):
             raise ValueError("train_steps: 0 skips dense training, which leaves nothing to evaluate without the prune "
                              "sweep (and a feature drafter is only made by training); set train_steps ≥ 1 or "
                              "prune: true")
+        if self.layer_kd and (not self.prune or self.sparse_ft_steps == 0):
+            raise ValueError("layer_kd: the per-layer loss is for the sweep's sparse fine-tuning of a copy of the "
+                             "target; set prune: true with sparse_ft_steps ≥ 1, or layer_kd: 0")
         if self.magpie_openers != "none" and "magpie:" not in (self.seed_prompts or ""):
             raise ValueError(f"magpie_openers: {self.magpie_openers} starts self-written seeds, and seed_prompts has "
                              "none; add e.g. +magpie:240 to seed_prompts, or set magpie_openers: none")
@@ -552,6 +572,8 @@ class SweepConfig(_Base):
     packing: bool = Field(False, description="pack sparse fine-tuning examples into full seq_len blocks")
     draft_vocab: int = Field(0, ge=0, description="give a cell that has a full-size head a compact one of K target "
                              "tokens while it is sparse fine-tuned (0: none; drafters that have one keep it)")
+    layer_kd: float = Field(0.0, ge=0, description="weight of a per-layer hidden-state loss against the target "
+                            "while sparse fine-tuning (cells as deep as the target); 0 = off")
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
@@ -560,6 +582,8 @@ class SweepConfig(_Base):
 
     def prune_settings(self, cell: dict) -> PruneSettings:
         return PruneSettings(method=cell["method"], pattern=cell["pattern"], sparsity=cell["sparsity"],
+                             allocation=cell.get("allocation", "uniform"), owl_lambda=self.sweep.owl_lambda,
+                             owl_m=self.sweep.owl_m,
                              calib_samples=self.calib_samples, seq_len=self.seq_len, threads=self.threads,
                              device=self.device, dtype=self.dtype)
 
@@ -567,6 +591,6 @@ class SweepConfig(_Base):
         """Sparse fine-tuning of a cell (the masks of the pruned model are kept)."""
         return TrainSettings(max_steps=max(self.sparse_ft_steps, 1), batch_size=self.train_batch_size,
                              seq_len=self.seq_len, lr=self.lr, threads=self.threads, loss=self.train_loss,
-                             packing=self.packing, draft_vocab=self.draft_vocab,
+                             packing=self.packing, draft_vocab=self.draft_vocab, layer_kd=self.layer_kd,
                              save_steps=max(self.sparse_ft_steps, 1), device=self.device,
                              dtype=self.dtype)

@@ -226,6 +226,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 # ------------------------------------------------------------------------------------------- launch
 
 
+def layer_kd_loss(hidden: tuple[torch.Tensor, ...], teacher: nn.Module, inputs: dict) -> torch.Tensor:
+    """SquareHead (Kurtic et al., 2023): mean over layers of ||h_s - h_t||² / ||h_t||² on the real tokens, so every
+    layer's error counts alike whatever its scale; the teacher's body runs without its head (no logits)."""
+    body = getattr(teacher, "model", teacher).to(hidden[-1].device)
+    with torch.no_grad():
+        t_hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        output_hidden_states=True).hidden_states
+    keep = inputs["attention_mask"].unsqueeze(-1).to(hidden[-1].dtype)
+    terms = [((s - t) ** 2 * keep).sum() / ((t ** 2) * keep).sum().clamp_min(1e-6)
+             for s, t in zip(hidden[1:], t_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
 def _validate_deepspeed(cfg: TrainConfig) -> dict | None:
     if cfg.deepspeed is None:
         return None
@@ -265,6 +278,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     for extra in cfg.extra_data:
         load_distilled(extra)
     _check_draft_vocab(cfg)
+    if cfg.layer_kd:
+        _check_layer_kd(cfg)
     _validate_deepspeed(cfg)
     gpus = torch.cuda.device_count() if where.is_cuda else 0
     on_cpu = gpus == 0
@@ -344,23 +359,25 @@ def _trainer_class():
     from transformers import Trainer
 
     class SD2Trainer(Trainer):
-        teacher = None
+        teacher, stored_teacher, kd_divergence = None, False, "fkl"
         teacher_head = None  # a feature drafter's live teacher: the target's head, applied to the target's features
-        stored_teacher = False
-        kd_divergence = "fkl"
         feature_weight, feature_noise, feature_unroll = 1.0, 0.0, False
+        layer_teacher, layer_kd = None, 0.0  # the target, for the per-layer hidden-state loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "feats" in inputs:
                 outputs, loss = self._feature_drafter_loss(model, inputs)
             else:
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                output_hidden_states=bool(self.layer_kd))
 
                 def live():
                     return self.teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
                                                                   attention_mask=inputs["attention_mask"]).logits
                 loss = self._token_loss(outputs.logits, inputs["labels"], inputs.get("topk_ids"),
                                         inputs.get("topk_logits"), live if self.teacher is not None else None)
+                if self.layer_kd:
+                    loss = loss + self.layer_kd * layer_kd_loss(outputs.hidden_states, self.layer_teacher, inputs)
             return (loss, outputs) if return_outputs else loss
 
         def _token_loss(self, logits, labels, topk_ids, topk_logits, live, live_compact: bool = False):
@@ -415,6 +432,39 @@ def _trainer_class():
             return self._token_loss(logits, inputs["labels"][:, step:], shift.get("topk_ids"),
                                     shift.get("topk_logits"), live, live_compact=True)
     return SD2Trainer
+
+
+def _check_layer_kd(cfg: TrainConfig) -> None:
+    """--layer-kd pairs layer i of the drafter with layer i of the teacher: both must have the same depth and width
+    (checked on the configs, before any model is loaded)."""
+    from transformers import AutoConfig
+
+    from sd2.models import resolve_spec
+
+    if cfg.feature_drafter:
+        raise UserError("--layer-kd: a feature drafter has its own layers, not the target's; use --feature-weight")
+    t, d = (AutoConfig.from_pretrained(resolve_spec(s, cfg.load.allow_pickle)).get_text_config()
+            for s in (cfg.kd_target or _data_target(cfg.data, "--layer-kd"), cfg.init))
+    if (t.num_hidden_layers, t.hidden_size) != (d.num_hidden_layers, d.hidden_size):
+        raise UserError(f"--layer-kd: the drafter has {d.num_hidden_layers} layers of width {d.hidden_size}, the "
+                        f"teacher {t.num_hidden_layers} of {t.hidden_size}; use it on a drafter as deep as the target "
+                        "(e.g. a pruned copy), or --layer-kd 0")
+
+
+def _set_losses(trainer, cfg: TrainConfig, where, tok, stored: bool, teacher_head) -> None:
+    """The trainer's loss settings and teachers: stored logits, a live teacher, a feature drafter's teacher head,
+    the body the per-layer loss compares with (one teacher model serves both)."""
+    trainer.feature_weight, trainer.feature_noise = cfg.feature_weight, cfg.feature_noise
+    trainer.feature_unroll = cfg.feature_unroll
+    if cfg.loss == "kd":
+        trainer.kd_divergence, trainer.stored_teacher = cfg.kd_divergence, stored
+        if teacher_head is not None:
+            trainer.teacher_head = teacher_head
+        elif not stored:
+            trainer.teacher = _teacher(cfg, where, tok)
+    if cfg.layer_kd:
+        trainer.layer_kd = cfg.layer_kd
+        trainer.layer_teacher = trainer.teacher or _teacher(cfg, where, tok)
 
 
 def _teacher(cfg: TrainConfig, where, tok):
@@ -519,14 +569,7 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
         callbacks=([keeper.callback] if keeper else []) + ([_curve_callback(cfg.curve_dir, tok)] if cfg.curve_dir
                                                              else []))
-    trainer.feature_weight, trainer.feature_noise = cfg.feature_weight, cfg.feature_noise
-    trainer.feature_unroll = cfg.feature_unroll
-    if cfg.loss == "kd":
-        trainer.kd_divergence, trainer.stored_teacher = cfg.kd_divergence, stored
-        if teacher_head is not None:
-            trainer.teacher_head = teacher_head
-        elif not stored:
-            trainer.teacher = _teacher(cfg, where, tok)
+    _set_losses(trainer, cfg, where, tok, stored, teacher_head)
     if keeper:
         keeper.trainer = trainer
     resume_from = None
@@ -690,13 +733,13 @@ def _carry_lineage(init: str, out: Path) -> None:
         (out / "sparsity.json").write_text(json.dumps(meta, indent=2))
 
 
-def _data_target(data: Path) -> str:
+def _data_target(data: Path, why: str = "--loss kd") -> str:
     manifest = Path(data) / "sd2_manifest.json"
     if manifest.exists():
         t = json.loads(manifest.read_text()).get("target")
         if t:
             return t
-    raise UserError("--loss kd: pass --kd-target (the data dir has no manifest naming its target)")
+    raise UserError(f"{why}: pass --kd-target (the data dir has no manifest naming its target)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ CONFIG_CASES = [
     ({"sweep": {"methods": ["obs"]}}, "sweep.methods.0"),
     ({"sweep": {"methods": []}}, "sweep.methods"),
     ({"sweep": {"sparsities": "half"}}, "sweep.sparsities"),
+    ({"sweep": {"allocation": "owls"}}, "sweep.allocation"),
+    ({"sweep": {"owl_lambda": 0.7}}, "sweep.owl-lambda"),
+    ({"layer_kd": -1}, "layer-kd"),
+    ({"layer_kd": 1.0, "prune": False}, "layer_kd: the per-layer loss"),
     ({"gamma": 0}, "gamma"),
     ({"gamma": 100}, "gamma"),
     ({"eval_gammas": [2, 0]}, "eval-gammas.1"),
@@ -90,6 +94,8 @@ def test_old_field_names_still_read_with_a_deprecation_line(caplog):
     (["--methods", "sparsegpt,obs"], "methods.1"),
     (["--gamma", "0"], "gamma"),
     (["--device", "tpu"], "device"),
+    (["--allocation", "owls"], "allocation"),
+    (["--owl-lambda", "0.5"], "owl-lambda"),
 ])
 def test_sweep_flags_refused_before_any_work(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -282,29 +282,38 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     from sd2.models import load_model
 
     cfg = _config(tiny_target, seed_file, eval_file, name="sparse-recipe", drafter_layers="0--1", train_steps=0,
-                  sweep=SweepGrid(methods=["sparsegpt"], patterns=["unstructured"], sparsities=[0.7]),
+                  sweep=SweepGrid(methods=["sparsegpt"], patterns=["unstructured"], sparsities=[0.7],
+                                  allocation="owl", owl_lambda=0.05),
                   distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, untuned_baseline=False,
-                  register_champion=False)
+                  register_champion=False, layer_kd=1.0)
     rows = sd2_pipeline(cfg)
-    assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7", "layer-pruned-0.7"]
+    assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7-owl", "layer-pruned-0.7"]
     assert all(r["lossless"] for r in rows)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
-                             filter_string="attributes.run_name = 'sparsegpt-unstructured-0.7'",
+                             filter_string="attributes.run_name = 'sparsegpt-unstructured-0.7-owl'",
                              order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-    assert run["params.train.steps"] == "0"
+    assert run["params.train.steps"] == "0" and run["params.prune.allocation"] == "owl"
+    assert run["params.sparse_ft.layer_kd"] == "1.0"
     sparse = Path(run["tags.sd2.model_dir"])
     assert len(json.loads((sparse / "draft_vocab.json").read_text())["draft_ids"]) == 64
-    assert json.loads((sparse / "sd2_train.json").read_text())["kd_teacher"] == "stored"
+    record = json.loads((sparse / "sd2_train.json").read_text())
+    assert record["kd_teacher"] == "stored" and record["config"]["layer_kd"] == 1.0
+    carried = json.loads((sparse / "sparsity.json").read_text())  # the pruning record travels with the cell
+    assert carried["allocation"] == "owl" and len(set(carried["layer_sparsity"])) > 1
     model, _ = load_model(str(sparse), with_tokenizer=False)
     target, _ = load_model(str(tiny_target), with_tokenizer=False)
     assert model.config.num_hidden_layers == target.config.num_hidden_layers
     body = {k: v for k, v in linear_nonzeros(model).items() if "_proj" in k}
-    assert body and all(nnz <= 0.31 * total for nnz, total in body.values())  # the masks survived fine-tuning
+    # the masks survived fine-tuning: 70% zero overall, each layer within owl's ± 0.05
+    assert body and sum(n for n, _ in body.values()) <= 0.31 * sum(t for _, t in body.values())
+    assert all(nnz <= 0.36 * total for nnz, total in body.values())
     with pytest.raises(ValueError, match="train_steps: 0 skips dense training"):
         PipelineConfig(train_steps=0, prune=False)
     with pytest.raises(ValueError, match="train_steps: 0 leaves the plain-SFT baseline"):
         PipelineConfig(train_steps=0, sft_baseline=True)
+    with pytest.raises(ValueError, match="layer_kd: the per-layer loss"):
+        PipelineConfig(layer_kd=1.0, prune=False)
 
 
 def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_file, eval_file):

@@ -9,6 +9,7 @@ from sd2.cli import app
 from sd2.errors import UserError
 from sd2.models import load_model, save_model
 from sd2.prune import prune_model
+from sd2.prune.allocate import owl_sparsities
 from sd2.prune.layers import choose_layers, keep_layers, layer_block_distances, layers_for_macs
 from sd2.prune.magnitude import prune_magnitude
 from sd2.prune.masks import nm_prune_mask, parse_pattern, satisfies_nm, unstructured_prune_mask
@@ -132,11 +133,48 @@ def test_prune_bad_input(tiny_dir, seed_file, tmp_path):
         (["--method", "wanda", "--sparsity", "0.5"], "--calib"),
         (["--method", "wanda", "--sparsity", "0.5", "--calib", str(seed_file), "--calib-samples", "99"], "fewer"),
         (["--method", "magnitude", "--sparsity", "0.5", "--filter", "nomatch_xyz"], "matches no linear"),
+        (["--method", "wanda", "--pattern", "2:4", "--calib", str(seed_file), "--allocation", "owl"], "N:M"),
+        (["--method", "magnitude", "--sparsity", "0.5", "--allocation", "owl"], "calibration"),
+        (["--method", "wanda", "--sparsity", "0.5", "--calib", str(seed_file), "--allocation", "owls"],
+         "--allocation"),
+        (["--method", "wanda", "--sparsity", "0.5", "--calib", str(seed_file), "--allocation", "owl",
+          "--owl-lambda", "0.6"], "--owl-lambda"),
+        (["--method", "wanda", "--sparsity", "0.9", "--calib", str(seed_file), "--calib-samples", "8",
+          "--allocation", "owl", "--owl-lambda", "0.2"], "smaller lambda"),
     ]
     for args, needle in cases:
         r = runner.invoke(app, base + args)
         assert r.exit_code == 2 and needle in r.output, (args, r.output)
         assert not out.exists()
+
+
+def test_owl_sparsities_keep_the_mean_and_spare_outlier_rich_layers():
+    got = owl_sparsities([0.01, 0.03, 0.02], [10, 10, 20], 0.7, 0.1)
+    assert sum(s * n for s, n in zip(got, [10, 10, 20])) / 40 == pytest.approx(0.7)
+    assert got[1] < got[2] < got[0] and got[0] - got[1] == pytest.approx(0.2)  # spans 2·lambda
+    assert owl_sparsities([0.02, 0.02], [5, 5], 0.6, 0.1) == pytest.approx([0.6, 0.6])  # nothing to tell apart
+    assert owl_sparsities([0.01, 0.03], [5, 5], 0.6, 0.0) == pytest.approx([0.6, 0.6])
+
+
+def test_owl_prunes_layers_unevenly_at_the_same_nonzeros(tiny_dir, seed_file, tmp_path):
+    """`--allocation owl`: per-layer sparsities differ (sparsity.json lists them), the total nonzeros are those of
+    uniform pruning, and the layer richest in outlier scores keeps the most weights."""
+    reps = {}
+    for alloc in ("uniform", "owl"):
+        out = tmp_path / alloc
+        r = runner.invoke(app, ["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "0.6",
+                                "--out", str(out), "--calib", str(seed_file), "--calib-samples", "8", "--seq-len", "32",
+                                "--allocation", alloc, "--owl-lambda", "0.1", "--owl-m", "3"])
+        assert r.exit_code == 0, r.output
+        reps[alloc] = json.loads((out / "sparsity.json").read_text())
+    owl = reps["owl"]
+    assert owl["allocation"] == "owl" and len(owl["layer_sparsity"]) == 3
+    assert max(owl["layer_sparsity"]) - min(owl["layer_sparsity"]) == pytest.approx(0.2, abs=1e-3)
+    nnz = {a: sum(v["nonzeros"] for v in rep["layers"].values()) for a, rep in reps.items()}
+    assert nnz["owl"] == pytest.approx(nnz["uniform"], rel=0.01)
+    for i, s in enumerate(owl["layer_sparsity"]):
+        got = [v for k, v in owl["layers"].items() if k.startswith(f"model.layers.{i}.")]
+        assert sum(v["total"] - v["nonzeros"] for v in got) / sum(v["total"] for v in got) == pytest.approx(s, abs=0.01)
 
 
 def _q_proj_input(model, layer, ids):

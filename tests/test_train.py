@@ -150,6 +150,24 @@ def test_kd_loss_zero_for_identical_and_trains(tiny_model_dir, data_dir, tmp_pat
     assert info["train_loss"] == pytest.approx(0.0, abs=1e-4)  # drafter == teacher
 
 
+def test_layer_kd_adds_the_per_layer_loss_and_keeps_masks(tiny_model_dir, sparse_init, data_dir, tmp_path):
+    """--layer-kd: zero for a drafter equal to its teacher; on a sparse copy it adds a positive per-layer term to
+    the same first-step loss (same seed, same batch) and the masks survive."""
+    same = train(_cfg(tiny_model_dir, data_dir, tmp_path / "same", loss="kd", kd_target=str(tiny_model_dir),
+                      layer_kd=1.0, max_steps=2, lr=1e-9), progress=False)
+    assert json.loads((same / "sd2_train.json").read_text())["train_loss"] == pytest.approx(0.0, abs=1e-4)
+    first = {}
+    for w in (0.0, 1.0):
+        out = train(_cfg(sparse_init, data_dir, tmp_path / f"w{w:g}", kd_target=str(tiny_model_dir), layer_kd=w,
+                         max_steps=4), progress=False)
+        hist = json.loads((out / "sd2_train.json").read_text())["log_history"]
+        first[w] = next(h["loss"] for h in hist if "loss" in h)
+    assert first[1.0] > first[0.0] + 1e-3
+    after = _zeros(tmp_path / "w1")
+    for name, z in _zeros(sparse_init).items():
+        assert torch.equal(z, after[name]), name
+
+
 def test_masks_detects_zeros():
     m = make_llama(64)
     assert not SparsityMasks.from_model(m)
@@ -159,8 +177,10 @@ def test_masks_detects_zeros():
     assert list(sm.masks) == ["model.layers.0.mlp.up_proj"]
 
 
-def test_train_bad_input(tiny_model_dir, data_dir, tmp_path):
+def test_train_bad_input(tiny_model_dir, data_dir, tmp_path, tok300):
     r = CliRunner()
+    deeper = save_model(make_llama(len(tok300), layers=3, hidden=64, eos=tok300.eos_token_id), tok300,
+                        tmp_path / "deeper")
     base = ["train", "--init", str(tiny_model_dir), "--out", str(tmp_path / "o")]
     bad_json = tmp_path / "ds.json"
     bad_json.write_text("{ not json")
@@ -174,6 +194,8 @@ def test_train_bad_input(tiny_model_dir, data_dir, tmp_path):
         (["--data", str(data_dir), "--draft-vocab", "1000000"], "--draft-vocab"),
         (["--data", str(data_dir), "--loss", "kd", "--kd-teacher", "stored"], "--kd-teacher stored"),
         (["--data", str(data_dir), "--loss", "mse"], "loss"),
+        (["--data", str(data_dir), "--layer-kd", "1", "--kd-target", str(deeper)], "--layer-kd"),
+        (["--data", str(data_dir), "--layer-kd", "1"], "--layer-kd: pass --kd-target"),
     ]
     for args, needle in cases:
         res = r.invoke(app, [*base, *args])

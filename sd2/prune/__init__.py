@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from sd2.config import METHODS  # defined once, beside the config that validates it
 from sd2.errors import UserError
+from sd2.prune.allocate import check_allocation, layer_stats, outlier_ratios, owl_sparsities
 from sd2.prune.calib import capture_layer_inputs, decoder_layers, run_layer, to_device
 from sd2.prune.magnitude import prune_magnitude
 from sd2.prune.masks import check_nm_divides, check_sparsity, parse_pattern
@@ -35,11 +36,19 @@ def _check_method(method: str) -> None:
         raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
 
 
-def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer_filter: str = DEFAULT_FILTER):
+def _layer_linears(layer: nn.Module, layer_filter: str) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and re.search(layer_filter, n)}
+
+
+def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer_filter: str = DEFAULT_FILTER,
+             allocation: str = "uniform", owl_lambda: float = 0.08, owl_m: float = 5.0):
     """All bad-input checks before any work: returns (nm, linears)."""
     _check_method(method)
     check_sparsity(sparsity)
     nm = parse_pattern(pattern)
+    check_allocation(allocation, nm, owl_lambda, owl_m)
+    if allocation != "uniform" and method == "magnitude":
+        raise UserError(f"--allocation {allocation}: needs calibration activations; use --method sparsegpt or wanda")
     lins = matched_linears(model, layer_filter)
     if not lins:
         raise UserError(f"--filter {layer_filter!r}: matches no linear layer of the model's decoder")
@@ -51,13 +60,14 @@ def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer
 def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "unstructured",
                 samples: list[list[int]] | None = None, layer_filter: str = DEFAULT_FILTER,
                 progress: bool = True, blocksize: int = 128, percdamp: float = 0.01,
-                device: str | torch.device | None = None) -> dict:
+                device: str | torch.device | None = None, allocation: str = "uniform", owl_lambda: float = 0.08,
+                owl_m: float = 5.0) -> dict:
     """Prune in place. Calibrated methods walk the layers in order, each fed by the pruned layers before it.
 
     With `device` (e.g. a GPU) only the layer being pruned, its statistics and the calibration activations
     live there: the model stays where it was loaded, so memory is one layer plus its Hessians (SparseGPT's
-    sequential scheme)."""
-    nm, _ = validate(model, method, sparsity, pattern, layer_filter)
+    sequential scheme). `allocation="owl"` first gives each layer its own sparsity (sd2.prune.allocate)."""
+    nm, _ = validate(model, method, sparsity, pattern, layer_filter, allocation, owl_lambda, owl_m)
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     if method == "magnitude":
@@ -70,31 +80,29 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
     if not samples:
         raise UserError(f"--calib: {method} needs calibration samples")
     hidden, kwargs = capture_layer_inputs(model, samples)
+    dev_opt = torch.device(device) if device is not None else None
+    per_layer = [sparsity] * len(layers)
+    if allocation == "owl":
+        ratios = outlier_ratios(model, hidden, kwargs, lambda lay: _layer_linears(lay, layer_filter), owl_m, dev_opt)
+        sizes = [sum(m.weight.numel() for m in _layer_linears(lay, layer_filter).values()) for lay in layers]
+        per_layer = owl_sparsities(ratios, sizes, sparsity, owl_lambda)
     for li, layer in enumerate(tqdm(layers, desc=f"prune {method}", unit="layer", disable=not progress)):
         home = next(layer.parameters()).device
-        dev = torch.device(device) if device is not None else home
+        dev = dev_opt or home
         layer.to(dev)
         hidden = [h.to(dev) for h in hidden]
         kws = [to_device(kw[li], dev) for kw in kwargs]
-        _prune_layer(layer, hidden, kws, method, sparsity, nm, layer_filter, blocksize, percdamp)
+        _prune_layer(layer, hidden, kws, method, per_layer[li], nm, layer_filter, blocksize, percdamp)
         hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, kws)]  # outputs of the pruned layer
         layer.to(home)
-    return {"method": method, "seconds": time.perf_counter() - t0}
+    return {"method": method, "seconds": time.perf_counter() - t0, "layer_sparsity": [round(s, 4) for s in per_layer]}
 
 
 def _prune_layer(layer: nn.Module, hidden: list[torch.Tensor], kws: list[dict], method: str, sparsity: float,
                  nm, layer_filter: str, blocksize: int, percdamp: float) -> None:
     """Collect the layer's input statistics over the calibration samples, then prune its linears."""
-    lins = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and re.search(layer_filter, n)}
-    stats = {n: (HessianStats if method == "sparsegpt" else WandaStats)(m.in_features, m.weight.device)
-             for n, m in lins.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in lins.items()]
-    try:
-        for h, kw in zip(hidden, kws):
-            run_layer(layer, h, kw)
-    finally:
-        for hd in handles:
-            hd.remove()
+    lins = _layer_linears(layer, layer_filter)
+    stats = layer_stats(layer, lins, hidden, kws, HessianStats if method == "sparsegpt" else WandaStats)
     for n, m in lins.items():
         if method == "sparsegpt":
             prune_sparsegpt(m.weight.data, stats[n], sparsity, nm, blocksize=blocksize, percdamp=percdamp)
@@ -105,7 +113,8 @@ def _prune_layer(layer: nn.Module, hidden: list[torch.Tensor], kws: list[dict], 
 def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = None, pattern: str = "unstructured",
                  calib=None, calib_samples: int = 32, seq_len: int = 256, layer_filter: str = DEFAULT_FILTER,
                  seed: int = 0, threads: int | None = None, overwrite: bool = False, progress: bool = True,
-                 device: str = "auto", dtype: str = "auto") -> dict:
+                 device: str = "auto", dtype: str = "auto", allocation: str = "uniform", owl_lambda: float = 0.08,
+                 owl_m: float = 5.0) -> dict:
     """`sd2 prune`: validate everything, prune, write the model dir + sparsity.json atomically; returns the report.
     The model is loaded on the CPU in `dtype`; on a GPU each layer visits it in turn (see prune_model)."""
     import json
@@ -125,17 +134,21 @@ def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = 
     if calib_samples < 1:
         raise UserError("--calib-samples: must be >= 1")
     _check_method(method)  # before loading the model: bad input fails fast
+    check_allocation(allocation, nm, owl_lambda, owl_m)
     where = devices.plan(device, dtype, devices.visible_gpus())  # one layer at a time: no model-size check
     check_output_dir(out, overwrite)
     model, tok = load_model(model_spec, placement=devices.Placement("cpu", where.dtype))
-    validate(model, method, sparsity, pattern, layer_filter)
+    owl = dict(allocation=allocation, owl_lambda=owl_lambda, owl_m=owl_m)
+    validate(model, method, sparsity, pattern, layer_filter, **owl)
     samples = calibration_ids(calib, tok, calib_samples, seq_len, seed) if method != "magnitude" else None
     with torch_threads(threads):
         info = prune_model(model, method, sparsity, pattern, samples, layer_filter, progress=progress,
-                           device=where.device if where.is_cuda else None)
+                           device=where.device if where.is_cuda else None, **owl)
     report = sparsity_report(model, layer_filter)
     meta = {"source": str(model_spec), "method": method, "pattern": pattern, "requested_sparsity": sparsity,
             "calib": str(calib) if calib else None, "calib_samples": calib_samples if samples else 0,
-            "seconds": round(info["seconds"], 2), "device": where.describe(), **report}
+            "seconds": round(info["seconds"], 2), "device": where.describe(), "allocation": allocation,
+            **({"owl_lambda": owl_lambda, "owl_m": owl_m, "layer_sparsity": info["layer_sparsity"]}
+               if allocation == "owl" else {}), **report}
     save_model(model, tok, out, overwrite=overwrite, extra_files={"sparsity.json": json.dumps(meta, indent=2)})
     return meta
