@@ -98,12 +98,12 @@ def _dump(obj):
 
 
 def _cell_name(c: dict) -> str:
-    owl = "-owl" if c.get("allocation", "uniform") != "uniform" else ""
+    owl = "-owl" if c["allocation"] != "uniform" else ""
     return f"{c['method']}-{c['pattern'].replace(':', 'of')}-{c['sparsity']:g}{owl}"
 
 
 def _prune_params(c: dict) -> dict:
-    return {k: c[k] for k in ("method", "pattern", "sparsity", "allocation") if k in c}
+    return {k: c[k] for k in ("method", "pattern", "sparsity", "allocation")}
 
 
 def _failed_cell(log, c: dict, exc: Exception) -> dict:

@@ -582,7 +582,7 @@ class SweepConfig(_Base):
 
     def prune_settings(self, cell: dict) -> PruneSettings:
         return PruneSettings(method=cell["method"], pattern=cell["pattern"], sparsity=cell["sparsity"],
-                             allocation=cell.get("allocation", "uniform"), owl_lambda=self.sweep.owl_lambda,
+                             allocation=cell["allocation"], owl_lambda=self.sweep.owl_lambda,
                              owl_m=self.sweep.owl_m,
                              calib_samples=self.calib_samples, seq_len=self.seq_len, threads=self.threads,
                              device=self.device, dtype=self.dtype)

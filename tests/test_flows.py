@@ -67,6 +67,18 @@ def _config(tiny_target, seed_file, eval_file, **kw):
                           eval_prompts=str(eval_file), **kw)
 
 
+def _newest_run(tiny_target, name: str):
+    """The newest MLflow run of that name in the tiny target's experiment (a row of mlflow.search_runs)."""
+    import mlflow
+
+    from sd2 import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    return mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
+                              filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+
+
 def _task_states(since):
     """{task function name: [state names]} of the task runs created after `since`."""
     from prefect.client.orchestration import get_client
@@ -246,20 +258,15 @@ def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harn
     """The layer-slice recipe shape (configs/drafter-smollm2-layers.yaml): a seed mix, stored teacher logits, KD, a
     compact draft head, packing, no prune sweep and no untuned baseline; its options are on the drafter's MLflow
     run."""
-    import mlflow
 
     from flows.pipeline import sd2_pipeline
-    from sd2 import tracking
 
     cfg = _config(tiny_target, f"{seed_file}:6+{seed_file}:3", eval_file,
                   name="recipe", distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, prune=False,
                   untuned_baseline=False, register_champion=False)
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["dense-self-distilled"] and rows[0]["lossless"]
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
-                             filter_string="attributes.run_name = 'dense-self-distilled'",
-                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    run = _newest_run(tiny_target, "dense-self-distilled")
     assert run["params.draft_vocab"] == "64" and run["params.train.loss"] == "kd"
     assert run["params.distill.store_topk"] == "8"
     model_dir = Path(run["tags.sd2.model_dir"])
@@ -273,10 +280,8 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     copy of the whole target, and sparse fine-tuning (KD from stored logits) gives it the compact head; the
     layer-pruned baseline is cut from the same copy with matched MACs. No dense drafter is evaluated (untrained,
     it would be the target itself)."""
-    import mlflow
 
     from flows.pipeline import sd2_pipeline
-    from sd2 import tracking
     from sd2.config import PipelineConfig, SweepGrid
     from sd2.metrics import linear_nonzeros
     from sd2.models import load_model
@@ -289,10 +294,7 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7-owl", "layer-pruned-0.7"]
     assert all(r["lossless"] for r in rows)
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
-                             filter_string="attributes.run_name = 'sparsegpt-unstructured-0.7-owl'",
-                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    run = _newest_run(tiny_target, "sparsegpt-unstructured-0.7-owl")
     assert run["params.train.steps"] == "0" and run["params.prune.allocation"] == "owl"
     assert run["params.sparse_ft.layer_kd"] == "1.0"
     sparse = Path(run["tags.sd2.model_dir"])
@@ -320,10 +322,8 @@ def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_fil
     """The feature-drafter recipe shape: distill, seed answers as extra text, an EAGLE-style drafter built from the
     target (multi-layer reads, unrolled loss, compact head), evaluated through the engine and replay; its options
     are on its MLflow run. A prune sweep over a feature drafter is refused by the form."""
-    import mlflow
 
     from flows.pipeline import sd2_pipeline
-    from sd2 import tracking
     from sd2.config import PipelineConfig
 
     cfg = _config(tiny_target, seed_file, eval_file, name="feature-recipe", train_loss="kd", draft_vocab=64,
@@ -331,10 +331,7 @@ def test_feature_drafter_recipe_with_seed_answers(harness, tiny_target, seed_fil
                   reference_seeds=f"{seed_file}:5", register_champion=False, eval_gammas=[2])
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["feature-self-distilled"] and rows[0]["lossless"]
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    run = mlflow.search_runs(experiment_names=[tracking.experiment_name(str(tiny_target))],
-                             filter_string="attributes.run_name = 'feature-self-distilled'",
-                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    run = _newest_run(tiny_target, "feature-self-distilled")
     assert run["params.train.feature_drafter"] == "True" and run["params.train.feature_reads"] == "[0, -1]"
     assert run["params.train.reference_seeds"] == f"{seed_file}:5"
     info = json.loads((Path(run["tags.sd2.model_dir"]) / "sd2_train.json").read_text())

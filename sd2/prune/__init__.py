@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from sd2.config import METHODS  # defined once, beside the config that validates it
 from sd2.errors import UserError
 from sd2.prune.allocate import check_allocation, layer_stats, outlier_ratios, owl_sparsities
-from sd2.prune.calib import capture_layer_inputs, decoder_layers, run_layer, to_device
+from sd2.prune.calib import capture_layer_inputs, decoder_layers, walk_layers
 from sd2.prune.magnitude import prune_magnitude
 from sd2.prune.masks import check_nm_divides, check_sparsity, parse_pattern
 from sd2.prune.sparsegpt import HessianStats, prune_sparsegpt
@@ -23,12 +23,8 @@ DEFAULT_FILTER = r"(self_attn|mlp)\.\w+_proj$"
 
 def matched_linears(model: nn.Module, layer_filter: str = DEFAULT_FILTER) -> dict[str, nn.Linear]:
     """Decoder linear layers whose name matches the filter (embeddings and lm_head are left dense)."""
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear) and re.search(layer_filter, name):
-                out[f"layers.{i}.{name}"] = mod
-    return out
+    return {f"layers.{i}.{name}": mod for i, layer in enumerate(decoder_layers(model))
+            for name, mod in _layer_linears(layer, layer_filter).items()}
 
 
 def _check_method(method: str) -> None:
@@ -46,9 +42,7 @@ def validate(model: nn.Module, method: str, sparsity: float, pattern: str, layer
     _check_method(method)
     check_sparsity(sparsity)
     nm = parse_pattern(pattern)
-    check_allocation(allocation, nm, owl_lambda, owl_m)
-    if allocation != "uniform" and method == "magnitude":
-        raise UserError(f"--allocation {allocation}: needs calibration activations; use --method sparsegpt or wanda")
+    check_allocation(allocation, method, nm, owl_lambda, owl_m)
     lins = matched_linears(model, layer_filter)
     if not lins:
         raise UserError(f"--filter {layer_filter!r}: matches no linear layer of the model's decoder")
@@ -86,15 +80,9 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
         ratios = outlier_ratios(model, hidden, kwargs, lambda lay: _layer_linears(lay, layer_filter), owl_m, dev_opt)
         sizes = [sum(m.weight.numel() for m in _layer_linears(lay, layer_filter).values()) for lay in layers]
         per_layer = owl_sparsities(ratios, sizes, sparsity, owl_lambda)
-    for li, layer in enumerate(tqdm(layers, desc=f"prune {method}", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        dev = dev_opt or home
-        layer.to(dev)
-        hidden = [h.to(dev) for h in hidden]
-        kws = [to_device(kw[li], dev) for kw in kwargs]
-        _prune_layer(layer, hidden, kws, method, per_layer[li], nm, layer_filter, blocksize, percdamp)
-        hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, kws)]  # outputs of the pruned layer
-        layer.to(home)
+    for li, layer, inputs, kws in tqdm(walk_layers(model, hidden, kwargs, dev_opt), total=len(layers),
+                                       desc=f"prune {method}", unit="layer", disable=not progress):
+        _prune_layer(layer, inputs, kws, method, per_layer[li], nm, layer_filter, blocksize, percdamp)
     return {"method": method, "seconds": time.perf_counter() - t0, "layer_sparsity": [round(s, 4) for s in per_layer]}
 
 
@@ -134,7 +122,7 @@ def prune_to_dir(model_spec: str, method: str, out, *, sparsity: float | None = 
     if calib_samples < 1:
         raise UserError("--calib-samples: must be >= 1")
     _check_method(method)  # before loading the model: bad input fails fast
-    check_allocation(allocation, nm, owl_lambda, owl_m)
+    check_allocation(allocation, method, nm, owl_lambda, owl_m)
     where = devices.plan(device, dtype, devices.visible_gpus())  # one layer at a time: no model-size check
     check_output_dir(out, overwrite)
     model, tok = load_model(model_spec, placement=devices.Placement("cpu", where.dtype))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sd2.errors import UserError
-from sd2.prune.calib import decoder_layers, run_layer, to_device
+from sd2.prune.calib import run_layer, walk_layers
 from sd2.prune.wanda import WandaStats
 
 ALLOCATIONS = ("uniform", "owl")
@@ -43,16 +43,9 @@ def outlier_ratios(model: nn.Module, hidden: list[torch.Tensor], kwargs: list[li
                    lins_of, m: float, device: torch.device | None = None) -> list[float]:
     """One dense pass over the decoder (the model is not changed): each layer's outlier ratio."""
     out = []
-    for li, layer in enumerate(decoder_layers(model)):
-        home = next(layer.parameters()).device
-        dev = device or home
-        layer.to(dev)
-        kws = [to_device(kw[li], dev) for kw in kwargs]
-        hidden = [h.to(dev) for h in hidden]
+    for _, layer, inputs, kws in walk_layers(model, hidden, kwargs, device):
         lins = lins_of(layer)
-        out.append(outlier_ratio(lins, layer_stats(layer, lins, hidden, kws), m))
-        hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, kws)]
-        layer.to(home)
+        out.append(outlier_ratio(lins, layer_stats(layer, lins, inputs, kws), m))
     return out
 
 
@@ -69,11 +62,13 @@ def owl_sparsities(ratios: list[float], sizes: list[int], sparsity: float, lam: 
     return out
 
 
-def check_allocation(allocation: str, nm, lam: float, m: float) -> None:
+def check_allocation(allocation: str, method: str, nm, lam: float, m: float) -> None:
     if allocation not in ALLOCATIONS:
         raise UserError(f"--allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
     if allocation == "owl" and nm is not None:
         raise UserError("--allocation owl: N:M patterns fix every layer's sparsity; use --allocation uniform")
+    if allocation == "owl" and method == "magnitude":
+        raise UserError("--allocation owl: needs calibration activations; use --method sparsegpt or wanda")
     if not 0 <= lam < 0.5:
         raise UserError(f"--owl-lambda {lam}: must be in [0, 0.5)")
     if m <= 0:

@@ -115,3 +115,19 @@ def to_device(obj, device):
 def run_layer(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
     out = layer(h, **kw)
     return out[0] if isinstance(out, tuple) else out
+
+
+def walk_layers(model: nn.Module, hidden: list[torch.Tensor], kwargs: list[list[dict]],
+                device: torch.device | None = None):
+    """Yield (index, layer, its inputs, its call kwargs) in order, the layer on `device` (default: where it is)
+    while the caller works on it; the next layer's inputs are this layer's outputs *after* that work (SparseGPT's
+    sequential scheme: each layer calibrated on what the already-pruned layers before it produce)."""
+    for li, layer in enumerate(decoder_layers(model)):
+        home = next(layer.parameters()).device
+        dev = device or home
+        layer.to(dev)
+        hidden = [h.to(dev) for h in hidden]
+        kws = [to_device(kw[li], dev) for kw in kwargs]
+        yield li, layer, hidden, kws
+        hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, kws)]
+        layer.to(home)
