@@ -1,10 +1,11 @@
 """Benchmark of the decoding engine, per numeric path, in one process (runs alternate; medians over repeats).
 
 For each numeric path (`none` = HF modules fp32, `lean` = sd2's lean forward fp32, `lean-fp16` = lean forward
-with fbgemm fp16-packed weights, the CPU default) and each drafter (the untuned derived drafter, the self-draft
-= the target itself, any drafter dirs given), on the same Spec-Bench prompts:
+with fp16 weights, one call into sd2's C kernel per layer, the CPU default) and each drafter (the untuned derived
+drafter, the self-draft = the target itself, any drafter dirs given), on the same Spec-Bench prompts:
   - target ms/token: sd2's engine target-only vs HF `generate` greedy on the same model and numeric path
-    (for the lean paths the HF side runs the HF modules with the same weights: fp32, or fp16-packed);
+    (for the lean paths the HF side runs the HF modules with the same weights: fp32, or fp16 through the same
+    GEMM kernel);
   - the cost model: v (verify γ+1 tokens ÷ one-token forward), drafter_time_ratio vs the MACs ratio c;
   - MAL, predicted speedup MAL ÷ (γ·drafter_time_ratio + v), measured speedup (spec ÷ target-only tokens/s);
   - sd2 speculative tokens/s vs HF assisted generation (γ fixed, same pair, same path);

@@ -124,7 +124,7 @@ def distill_cmd(
     concurrency: int = typer.Option(8, help="concurrent requests (openai)"),
     api: str = typer.Option("chat", help="chat | completions (openai)"),
     served_model: Optional[str] = typer.Option(None, help="model name on the server (default: --target)"),
-    fast_path: str = typer.Option("none", help="none | fp16 (CPU: fbgemm fp16-packed GEMMs, faster generation)"),
+    fast_path: str = typer.Option("none", help="none | fp16 (CPU: fp16 weights in sd2's kernel, faster generation)"),
     workers: int = typer.Option(1, help="generation processes over disjoint shards (hf backend; on a GPU node "
                                 "--device cuda uses one per visible GPU)"),
     store_topk: int = typer.Option(0, help="keep the target's top-k logits per generated token for KD (0 = off)"),

@@ -180,8 +180,8 @@ class DistillSettings(DevicePlacement):
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(4, ge=0)
     fast_path: Literal["none", "fp16"] = Field(
-        "none", description="CPU numeric path of in-process generation: fp16 = fbgemm fp16-packed GEMMs (faster; "
-        "the numbers of `sd2 eval`'s default lean-fp16 path)")
+        "none", description="CPU numeric path of in-process generation: fp16 = fp16 weights in sd2's CPU kernel "
+        "(faster; the weights of `sd2 eval`'s default lean-fp16 path)")
     max_prompt_tokens: int | None = Field(None, ge=8, description="skip seeds whose chat-templated prompt is longer "
                                           "(prefill costs as much as generation on a CPU; counted as too_long_skipped)")
     magpie_openers: Literal["none", "tasks"] = Field(
@@ -399,7 +399,7 @@ class PipelineConfig(_Base):
     device: Device = "auto"
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
-                                "fp16-packed weights on the CPU, the HF modules on a GPU; none = exact HF modules")
+                                "fp16 weights (sd2's C kernel) on the CPU, the HF modules on a GPU; none = HF modules")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length in evaluation: stop "
                                           "drafting below this top-1 drafter probability (γ is the maximum)")
     lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in evaluation: copy what followed the "

@@ -258,13 +258,17 @@ def _replay_cache_dir(root: Path | None, fast_path: str) -> Path | None:
     """Target greedy outputs are cached per numeric path of the target (they differ between paths)."""
     if root is None:
         return None
-    return root / {"none": "hf", "drafter-fp16": "hf", "fp16": "fp16", "lean": "lean", "lean-fp16": "lean-fp16"}[
-        fast_path]
+    name = {"none": "hf", "drafter-fp16": "hf", "fp16": "fp16", "lean": "lean", "lean-fp16": "lean-fp16"}[fast_path]
+    if fast_path in ("fp16", "lean-fp16"):  # the kernel's code decides the numbers: a new kernel, a new cache
+        from sd2.fastpath import kernel_version
+
+        name += f"-{kernel_version()}"
+    return root / name
 
 
 def resolve_fast_path(fast_path: str, target, drafter) -> str:
-    """`auto` → the fastest path this machine and these models allow: on the CPU the lean engine with fbgemm's
-    fp16-packed weights (bench/specdec.py has the measurements), on a GPU the HF modules in the model dtype."""
+    """`auto` → the fastest path this machine and these models allow: on the CPU the lean engine with fp16
+    weights in sd2's C kernel (bench/specdec.py has the measurements), on a GPU the HF modules in the model dtype."""
     from sd2 import fastpath, lean
 
     on_cpu = next(target.parameters()).device.type == "cpu"
@@ -312,8 +316,8 @@ def numeric_path(model, fast_path: str = "none") -> str:
     if p is not None and p.device.type != "cpu":
         base += f" on {p.device}"
     return {"none": base, "drafter-fp16": f"{base} target, fp16-packed drafter",
-            "fp16": "fp16-packed target and drafter", "lean": f"{base}, lean engine",
-            "lean-fp16": "fp16-packed weights, lean engine"}[fast_path]
+            "fp16": "fp16-weight target and drafter", "lean": f"{base}, lean engine",
+            "lean-fp16": "fp16 weights, lean engine (sd2 CPU kernel)"}[fast_path]
 
 
 def _decode_all(base: SpecDecoder, spec: SpecDecoder, prompts: list[Prompt], encoded, max_new_tokens: int,

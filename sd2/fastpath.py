@@ -1,13 +1,30 @@
-"""Faster CPU numeric paths for decoding.
+"""Faster CPU numeric paths for decoding: fp16 weights, fp32 activations and accumulation, sd2's own kernel.
 
-fbgemm's fp16-packed GEMM reads half the bytes of fp32 and handles small-M (1–9 token) matmuls far better
-than the stock path on AVX2 CPUs: lm_head 49152×576 at one token ≈ 6× faster here. It changes numerics
-slightly (fp16 weights, fp32 accumulation), so: applying it to a *drafter* never affects losslessness (the
+Why a kernel of our own (`sd2/kernels/cpu.c`, built once per machine with the system C compiler and loaded
+with ctypes): at batch 1 a decode step reads every weight once, so fp16 weights halve the bytes of fp32; a
+verification pass over γ+1 tokens must cost little more than a one-token pass (the engine's `v`), which needs
+each converted weight tile reused by all γ+1 rows — fbgemm's fp16 GEMM (torch marks it deprecated) does that at
+~75% of this core's FMA peak, this kernel near 100%. And every output element is one fixed fused multiply-add
+chain, so a token's logits do not depend on which tokens are verified with it: speculative decoding reproduces
+target-only decoding on this path by construction, not by luck.
+
+fp16 weights change numerics slightly, so: applying the path to a *drafter* never affects losslessness (the
 target decides every token); applying it to the *target* changes the reference too, so spec and target-only
-must both run the packed target (lossless holds within the path) and results must state the path.
+must both run it (lossless holds within the path) and results name the path.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from ctypes import c_float, c_int, c_int64, c_void_p
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,33 +32,114 @@ from torch import nn
 from sd2.config import FAST_PATHS as PATHS  # noqa: F401 - one list of numeric paths
 from sd2.errors import UserError
 
-PACKED = ("fp16", "drafter-fp16", "lean-fp16")  # the paths that use fbgemm's packed GEMMs (CPU only)
+PACKED = ("fp16", "drafter-fp16", "lean-fp16")  # the paths that run fp16 weights through sd2's kernel (CPU only)
+SOURCE = Path(__file__).parent / "kernels" / "cpu.c"
+# -fopenmp: the kernel's threads come from the OpenMP runtime torch has already loaded (same libgomp soname)
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+COLS = 64  # the kernel's column tile (weights are packed [N/64][K][64])
 
 
 def require_cpu(fast_path: str, device) -> None:
-    """fbgemm packing runs on the CPU only: the one check (and message) for every stage that picks a path."""
+    """The fp16 kernel runs on the CPU only: the one check (and message) for every stage that picks a path."""
     if fast_path in PACKED and torch.device(device).type != "cpu":
-        raise UserError(f"--fast-path {fast_path}: fbgemm packing is a CPU path; use --fast-path none (or lean) on "
-                        f"{device}, or --device cpu")
+        raise UserError(f"--fast-path {fast_path}: fp16 weights run through sd2's CPU kernel; use --fast-path none "
+                        f"(or lean) on {device}, or --device cpu")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another sharing SD2_HOME."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def kernel_version() -> str:
+    """A short digest of the kernel's source: results and caches of the fp16 paths are per kernel version."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=1)
+def kernel() -> ctypes.CDLL:
+    """The compiled kernel, built on first use into $SD2_HOME/cache/kernels (keyed by source, flags and CPU) and
+    reused after; a machine without a C compiler gets one line naming the alternatives."""
+    from sd2.models import sd2_home
+
+    src = SOURCE.read_bytes()
+    cc = shutil.which(os.environ["CC"]) if os.environ.get("CC") else (shutil.which("cc") or shutil.which("gcc"))
+    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + _cpu_flags().encode() + str(cc).encode()).hexdigest()
+    lib = sd2_home() / "cache" / "kernels" / f"f16gemm-{key[:16]}.so"
+    if not lib.exists():
+        if cc is None:
+            raise UserError("--fast-path fp16/lean-fp16: building sd2's fp16 kernel needs a C compiler "
+                            f"({'CC=' + os.environ['CC'] + ' not found' if os.environ.get('CC') else 'cc or gcc'}); "
+                            "install one, or use --fast-path lean (fp32) or none")
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # built aside, then moved in whole
+            out = Path(tmp) / lib.name
+            run = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+            if run.returncode != 0:
+                first = (run.stderr.strip().splitlines() or ["no output"])[0]
+                raise UserError(f"--fast-path fp16/lean-fp16: {cc} could not build sd2's fp16 kernel ({first}); "
+                                "use --fast-path lean (fp32) or none")
+            os.replace(out, lib)
+    dll = ctypes.CDLL(str(lib))
+    dll.sd2_f16_gemm_mt.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_int64, c_void_p, c_int]
+    dll.sd2_f16_gemm_mt.restype = None
+    dll.sd2_layer_forward.argtypes = [ctypes.POINTER(LayerSpec), c_void_p, c_int64, c_int64, c_void_p, c_void_p,
+                                      c_int64, c_void_p, c_void_p, c_void_p, c_int]
+    dll.sd2_layer_forward.restype = None
+    dll.sd2_layer_scratch.argtypes = [ctypes.POINTER(LayerSpec), c_int64, c_int64, c_int]
+    dll.sd2_layer_scratch.restype = c_int64
+    dll.sd2_rms.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_float, c_void_p]
+    dll.sd2_rms.restype = None
+    return dll
+
+
+class LayerSpec(ctypes.Structure):
+    """A Llama decoder layer as the kernel reads it (`sd2_layer` in cpu.c); the tensors it points to are kept
+    alive by whoever holds the spec (sd2.lean)."""
+
+    _fields_ = [("hidden", c_int64), ("n_heads", c_int64), ("n_kv", c_int64), ("head_dim", c_int64),
+                ("inter", c_int64), ("eps", c_float), ("ln1", c_void_p), ("ln2", c_void_p), ("qkv", c_void_p),
+                ("o", c_void_p), ("gate_up", c_void_p), ("down", c_void_p)]
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] weight → fp16 tiles [ceil(N/64), K, 64] (padded columns are zero; values clamped to fp16's range)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    blocks = -(-n // COLS)
+    padded = torch.zeros(blocks * COLS, k)
+    padded[:n] = w.clamp(-65504.0, 65504.0)
+    return padded.half().view(blocks, COLS, k).transpose(1, 2).contiguous()
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """x ↦ x·Wᵀ + b with fbgemm's fp16-packed weight (fp32 accumulation). The one place that calls the fbgemm
-    fp16 ops, which torch marks deprecated: replacing them means changing this function only."""
-    w = weight.detach().float().contiguous()
-    packed = torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w)
-    out_features, in_features = w.shape
-    b = bias.detach().float() if bias is not None else torch.zeros(out_features)
+    """x ↦ x·Wᵀ + b with fp16 weights and fp32 accumulation (sd2's kernel), on torch's intra-op threads (column
+    blocks split between them; the split changes no bits: each output is computed whole by one thread)."""
+    dll = kernel()
+    packed = pack(weight)
+    out_features, in_features = weight.shape
+    b = bias.detach().float().contiguous() if bias is not None else None
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten.fbgemm_linear_fp16_weight(x.reshape(-1, in_features).float().contiguous(), packed, b)
+        x2 = x.reshape(-1, in_features).float().contiguous()
+        y = torch.empty(x2.shape[0], out_features)
+        dll.sd2_f16_gemm_mt(x2.data_ptr(), x2.shape[0], in_features, packed.data_ptr(), out_features, y.data_ptr(),
+                            torch.get_num_threads())
+        if b is not None:
+            y += b
         return y.reshape(*shape[:-1], out_features).to(x.dtype)
     return linear
 
 
 class PackedFP16Linear(nn.Module):
-    """Inference-only replacement for nn.Linear backed by fbgemm's fp16-packed weight."""
+    """Inference-only replacement for nn.Linear with fp16 weights run through sd2's kernel."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -53,19 +151,18 @@ class PackedFP16Linear(nn.Module):
 
 
 def available() -> bool:
+    """Whether this machine can build (or has built) the kernel: `auto` picks the fp16 paths only then."""
     try:
-        lin = nn.Linear(8, 4)
-        PackedFP16Linear(lin)(torch.randn(2, 8))
+        kernel()
         return True
-    except (RuntimeError, AttributeError):
+    except (UserError, OSError):
         return False
 
 
 def pack_fp16(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear (lm_head included) in place; count MACs *before* calling this."""
     require_cpu("fp16", next(model.parameters()).device)
-    if not available():
-        raise UserError("--fast-path: fbgemm fp16 GEMM is not available in this torch build/CPU; use 'none'")
+    kernel()  # one clear line here when the kernel cannot be built
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")

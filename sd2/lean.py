@@ -7,11 +7,13 @@ model's own weights with:
   - a preallocated KV cache (a tensor per layer, written in place; rolling back is moving a length);
   - rotary tables computed once for all positions;
   - no masks for a single new token, one small causal mask for several;
-  - optionally fbgemm's fp16-packed GEMMs (sd2.fastpath): ~3.5× faster per token than fp32 here, and 5 tokens
-    cost ~1.5× one (compute-bound at 5 tokens on one AVX2 core; measurements in bench/specdec.py).
-It computes what the HF module computes (same op order inside each op; tested against it within tolerance), but
-not bit for bit, so it is its own numeric path: speculative and target-only decoding both run it, and lossless
-is judged within it.
+  - with fp16 weights (`lean-fp16`, the CPU default): each decoder layer is one call into sd2's C kernel
+    (sd2/kernels/cpu.c via sd2.fastpath): fp16-weight GEMMs that reuse each weight tile for all γ+1 rows,
+    RMSNorm, rotary, attention over the cache and SwiGLU in C, on torch's threads — no per-op dispatch.
+    Every row is computed in a fixed order, so a token's logits are the same bits whether it is decoded alone
+    or verified among γ others: speculative decoding reproduces target-only decoding by construction.
+It computes what the HF module computes (tested against it within tolerance), but not bit for bit, so it is its
+own numeric path: speculative and target-only decoding both run it, and lossless is judged within it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ _SUPPORTED = {"llama"}
 def supports(model) -> bool:
     """Llama-style decoders (RMSNorm, rotary, GQA attention, SwiGLU MLP) without biases."""
     cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return (getattr(cfg, "model_type", None) in _SUPPORTED and not getattr(cfg, "attention_bias", False)
             and not getattr(cfg, "mlp_bias", False) and getattr(cfg, "hidden_act", "silu") == "silu"
-            and hasattr(getattr(model, "model", None), "layers"))
+            and hasattr(getattr(model, "model", None), "layers") and head_dim <= 512)
 
 
 def _dense(w: torch.Tensor):
@@ -41,6 +44,23 @@ def _packed(w: torch.Tensor):
     from sd2.fastpath import packed_linear
 
     return packed_linear(w)
+
+
+def _native_layers(lm: "LeanLM", inner) -> list:
+    """Each decoder layer as the C kernel's spec (fp16 tiles, fp32 norms), with the tensors it points to."""
+    from sd2.fastpath import LayerSpec, pack
+
+    out = []
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        keep = [layer.input_layernorm.weight.detach().float().contiguous(),
+                layer.post_attention_layernorm.weight.detach().float().contiguous(),
+                pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), pack(a.o_proj.weight),
+                pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight)]
+        spec = LayerSpec(lm.hidden, lm.n_heads, lm.n_kv, lm.head_dim, m.gate_proj.weight.shape[0], lm.eps,
+                         *(t.data_ptr() for t in keep))
+        out.append((spec, keep))
+    return out
 
 
 class LeanLM:
@@ -58,18 +78,24 @@ class LeanLM:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
+        self.hidden, self.n_layers = cfg.hidden_size, len(model.model.layers)
         lin = _packed if fp16_weights else _dense
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()
-        self.layers = []
-        for layer in inner.layers:
+        self.layers, self.native = [], None
+        if fp16_weights:  # one C call per layer; activations and the KV cache in fp32
+            from sd2.fastpath import kernel
+
+            self.kernel, self.dtype, self.embed = kernel(), torch.float32, self.embed.float()
+            self.native = _native_layers(self, inner)
+        for layer in inner.layers if self.native is None else ():
             a, m = layer.self_attn, layer.mlp
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
             gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
             self.layers.append((layer.input_layernorm.weight.detach(), lin(qkv), lin(a.o_proj.weight),
                                 layer.post_attention_layernorm.weight.detach(), lin(gate_up), lin(m.down_proj.weight),
                                 m.gate_proj.weight.shape[0]))
-        self.norm = inner.norm.weight.detach()
+        self.norm = inner.norm.weight.detach().to(self.dtype).contiguous()
         self.lm_head = lin(model.get_output_embeddings().weight)
         fc = getattr(model, "eagle_fc", None)  # a feature drafter (sd2.eagle): fc([embed; target feature])
         self.fc = lin(fc.weight) if fc is not None else None
@@ -86,12 +112,17 @@ class LeanLM:
         n = max(n, 2 * self.cos.shape[0])
         pos = torch.arange(n, device=self.device)[None]
         cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
-        self.cos, self.sin = cos[0], sin[0]  # [n, head_dim]
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [n, head_dim]
 
     def session(self, capacity: int = 512) -> "LeanSession":
         return LeanSession(self, capacity)
 
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:  # the kernel's per-row code: the same bits for a row alone or among others
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            self.kernel.sd2_rms(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), self.eps, out.data_ptr())
+            return out
         if x.dtype == torch.float32:  # one fused op; HF's formula in fp32 (below) for lower precisions
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         h = x.float()
@@ -122,11 +153,15 @@ class LeanSession:
         n = max(n, 2 * self.capacity)
         lm = self.lm
         shape = (lm.n_kv, n, lm.head_dim)
-        k = [torch.empty(shape, dtype=lm.dtype, device=lm.device) for _ in lm.layers]
-        v = [torch.empty(shape, dtype=lm.dtype, device=lm.device) for _ in lm.layers]
-        for old, new in ((self.k, k), (self.v, v)):
-            for o, nw in zip(old, new):
-                nw[:, : self.length] = o[:, : self.length]
+        # the C kernel keeps keys dimension-major [n_kv, hd, n] (its scores are then 16 keys per vector op)
+        kshape = (lm.n_kv, lm.head_dim, n) if lm.native is not None else shape
+        k = [torch.empty(kshape, dtype=lm.dtype, device=lm.device) for _ in range(lm.n_layers)]
+        v = [torch.empty(shape, dtype=lm.dtype, device=lm.device) for _ in range(lm.n_layers)]
+        kpos = 2 if lm.native is not None else 1  # the axis keys' positions run along
+        for o, nw in zip(self.k, k):
+            nw.narrow(kpos, 0, self.length).copy_(o.narrow(kpos, 0, self.length))
+        for o, nw in zip(self.v, v):
+            nw[:, : self.length] = o[:, : self.length]
         self.k, self.v, self.capacity = k, v, n
         lm._tables(n)
 
@@ -146,6 +181,35 @@ class LeanSession:
             x = lm.fc(torch.cat([x, f], -1))
         reads = (-1,) if hidden is True else tuple(hidden or ())
         outs: dict[int, torch.Tensor] = {}
+        if lm.native is not None:
+            x = self._native(x.float().contiguous(), start, reads, outs)
+        else:
+            x = self._layers(x, start, reads, outs)
+        self.length = end
+        if reads:
+            from sd2.eagle import gather
+
+            h = lm.rms(x, lm.norm)
+            return lm.lm_head(h[t - keep:]).float(), gather(outs, h, reads)
+        return lm.lm_head(lm.rms(x[t - keep:], lm.norm)).float()
+
+    def _native(self, x: torch.Tensor, start: int, reads: tuple, outs: dict) -> torch.Tensor:
+        """The decoder layers through the C kernel, x [t, hidden] updated in place."""
+        lm, t = self.lm, x.shape[0]
+        threads = torch.get_num_threads()
+        scratch = torch.empty(lm.kernel.sd2_layer_scratch(lm.native[0][0], t, self.capacity, threads))
+        for li, (spec, _) in enumerate(lm.native):
+            lm.kernel.sd2_layer_forward(spec, x.data_ptr(), t, start, self.k[li].data_ptr(), self.v[li].data_ptr(),
+                                        self.capacity, lm.cos.data_ptr(), lm.sin.data_ptr(), scratch.data_ptr(),
+                                        threads)
+            if li in reads:
+                outs[li] = x.clone()
+        return x
+
+    def _layers(self, x: torch.Tensor, start: int, reads: tuple, outs: dict) -> torch.Tensor:
+        """The decoder layers as torch ops (fp32 or the model's dtype)."""
+        lm, t = self.lm, x.shape[0]
+        end = start + t
         cos, sin = lm.cos[start:end], lm.sin[start:end]
         # one new token sees everything cached; several see the cache and the new ones up to themselves
         mask = torch.ones(t, end, dtype=torch.bool, device=lm.device).tril(diagonal=start) if t > 1 else None
@@ -164,13 +228,7 @@ class LeanSession:
             x = x + down(F.silu(g[:, :inter]) * g[:, inter:])
             if li in reads:
                 outs[li] = x
-        self.length = end
-        if reads:
-            from sd2.eagle import gather
-
-            h = lm.rms(x, lm.norm)
-            return lm.lm_head(h[t - keep:]).float(), gather(outs, h, reads)
-        return lm.lm_head(lm.rms(x[t - keep:], lm.norm)).float()
+        return x
 
     def rollback(self, n_valid: int) -> None:
         self.length = min(self.length, n_valid)

@@ -40,6 +40,32 @@ def test_lean_fp16_close_to_fp32():
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
 
 
+def test_lean_fp16_logits_do_not_depend_on_the_tokens_computed_with_them():
+    """The C kernel computes every row in a fixed order: a token decoded alone, verified among γ others, or
+    prefilled with the whole prompt gets the same bits — across a cache that grows, on 1 and 2 threads. The same
+    forward stays within fp16 rounding of the HF module (fp32)."""
+    m = make_llama(300, layers=3, hidden=64, seed=7)
+    ids = list(range(5, 45))
+    lm = lean.LeanLM(m, fp16_weights=True)
+    threads, wholes = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            whole = lm.session(capacity=64).forward(ids, keep=len(ids))
+            wholes.append(whole)
+            s = lm.session(capacity=8)  # grows twice below
+            parts = [s.forward(ids[:10], keep=10)]
+            parts += [s.forward([i], keep=1) for i in ids[10:17]]
+            parts.append(s.forward(ids[17:22], keep=5))
+            s.rollback(19)  # two of five rejected: recomputed among other tokens
+            parts.append(s.forward(ids[19:40], keep=21))
+            assert torch.equal(torch.cat(parts[:-1])[:19], whole[:19]) and torch.equal(parts[-1], whole[19:])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(wholes[0], wholes[1])  # threads split work, never a sum
+    torch.testing.assert_close(whole, m(torch.tensor([ids])).logits[0], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 def test_greedy_spec_equals_target_only_on_every_path(path, gamma):
@@ -93,7 +119,7 @@ def test_auto_picks_the_fastest_path_the_models_allow():
     assert resolve_fast_path("auto", t, t) == "lean-fp16"
     # an asked-for dtype keeps its numbers
     assert resolve_fast_path("auto", copy.deepcopy(t).to(torch.bfloat16), t) == "lean"
-    assert numeric_path(t, "lean-fp16") == "fp16-packed weights, lean engine"
+    assert numeric_path(t, "lean-fp16") == "fp16 weights, lean engine (sd2 CPU kernel)"
     assert numeric_path(t, "none") == "fp32"
 
 
@@ -108,14 +134,41 @@ def test_a_path_the_models_cannot_run_is_one_clear_error():
     assert resolve_fast_path("auto", t, q) == "fp16"  # auto never picks what cannot run
 
 
-def test_no_fbgemm_is_one_clear_error(monkeypatch):
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """A machine that has not built the fp16 kernel yet (own SD2_HOME, nothing cached in the process)."""
     from sd2 import fastpath
 
-    monkeypatch.setattr(fastpath, "available", lambda: False)  # a CPU/torch build without fbgemm
+    monkeypatch.setenv("SD2_HOME", str(tmp_path / "home"))
+    fastpath.kernel.cache_clear()
+    yield tmp_path / "home" / "cache" / "kernels"
+    fastpath.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("cc, message", [
+    ("/nonexistent/cc", r"needs a C compiler \(CC=/nonexistent/cc not found\).*use --fast-path lean \(fp32\) or none"),
+    ("false", r"false could not build sd2's fp16 kernel.*use --fast-path lean \(fp32\) or none"),
+])
+def test_no_compiler_is_one_clear_error_and_auto_picks_what_runs(fresh_kernel, monkeypatch, cc, message):
+    monkeypatch.setenv("CC", cc)
     t = make_llama(96, seed=2)
-    assert resolve_fast_path("auto", t, t) == "lean"
-    with pytest.raises(UserError, match="fbgemm fp16 GEMM is not available.*use 'none'"):
-        apply_fast_path("fp16", t, copy.deepcopy(t))
+    assert resolve_fast_path("auto", t, t) == "lean"  # auto never picks what cannot run
+    for path in ("fp16", "lean-fp16"):
+        with pytest.raises(UserError, match=message):
+            apply_fast_path(path, t, copy.deepcopy(t))
+    assert not any(fresh_kernel.glob("*.so")) and not any(fresh_kernel.glob("*/"))  # nothing half-built left
+
+
+def test_the_kernel_is_built_once_and_reused(fresh_kernel):
+    from sd2 import fastpath
+
+    fastpath.kernel()
+    built = list(fresh_kernel.glob("f16gemm-*.so"))
+    assert len(built) == 1 and not [p for p in fresh_kernel.iterdir() if p.is_dir()]
+    stamp = built[0].stat().st_mtime_ns
+    fastpath.kernel.cache_clear()
+    fastpath.kernel()
+    assert built[0].stat().st_mtime_ns == stamp
 
 
 def test_distillation_on_the_fp16_path(tmp_path, tiny_model_dir, seed_file):
