@@ -152,6 +152,8 @@ class LeanSession:
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.capacity)
         lm = self.lm
+        if lm.native is not None:
+            n = -(-n // 64) * 64  # the kernel scores 64 keys per block
         shape = (lm.n_kv, n, lm.head_dim)
         # the C kernel keeps keys dimension-major [n_kv, hd, n] (its scores are then 16 keys per vector op)
         kshape = (lm.n_kv, lm.head_dim, n) if lm.native is not None else shape

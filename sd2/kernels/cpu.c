@@ -163,6 +163,100 @@ static void rms_rows(const float *x, int64_t t, int64_t n, const float *w, float
     }
 }
 
+/* One query (one token, one head) over keys [0, n), 64 keys a block: the one-token decode step, whose heads are
+   spread over the threads. The same chains, in the same order, as attend() below: identical bits. */
+static inline __attribute__((always_inline)) void attend_row(const float *q, const float *kg, const float *vg,
+        int64_t n, int64_t cap, const int64_t hd, float scale, float *sc, float *out) {
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        float s[64] = {0};
+        for (int64_t d = 0; d < hd; d++) {
+            const float qd = q[d], *kd = kg + d * cap + j0;
+            for (int l = 0; l < 64; l++) s[l] = fmaf(qd, kd[l], s[l]);
+        }
+        int64_t nb = n - j0 < 64 ? n - j0 : 64;
+        for (int64_t l = 0; l < nb; l++) sc[j0 + l] = s[l] * scale;
+    }
+    float mx = -INFINITY, lanes[16] = {0}, o[512];
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t j = 0; j < n; j++) sc[j] = sd2_exp(sc[j] - mx);
+    for (int64_t j = 0; j < n; j++) lanes[j & 15] += sc[j];
+    float inv = 1.0f / lane_sum(lanes);
+    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float p = sc[j], *vj = vg + j * hd;
+        for (int64_t d = 0; d < hd; d++) o[d] = fmaf(p, vj[d], o[d]);
+    }
+    for (int64_t d = 0; d < hd; d++) out[d] = o[d] * inv;
+}
+
+/* Attention for up to QB queries that read the same kv head (GQA heads of a group and the rows verified
+   together; verification and prefill): each key and value is loaded once for all of them, which keeps a verification pass over γ+1 tokens
+   close to a one-token pass. Query r sees keys [0, n[r]) (causal: up to itself). Every score is one chain over
+   the head dimensions and every output one chain over the keys in order, so a query's result does not depend
+   on which queries share the call. Keys are dimension-major and cap a multiple of 64 (blocks of 32 keys may read
+   past n but never past the cache). */
+#define QB 6
+#define KB 32
+static inline __attribute__((always_inline)) void attend_qb(const int qb, const float *const *q, const int64_t *n,
+        int nr, const float *kg, const float *vg, int64_t cap, int64_t hd, float scale, float *sc, float *const *out) {
+    int64_t nmax = 0, nmin = n[0];
+    for (int r = 0; r < nr; r++) {
+        nmax = n[r] > nmax ? n[r] : nmax;
+        nmin = n[r] < nmin ? n[r] : nmin;
+    }
+    const float *qr[QB];
+    for (int r = 0; r < qb; r++) qr[r] = q[r < nr ? r : 0];  /* spare lanes recompute query 0, never stored */
+    for (int64_t j0 = 0; j0 < nmax; j0 += KB) {
+        float s[QB][KB] = {{0}};
+        for (int64_t d = 0; d < hd; d++) {
+            const float *kd = kg + d * cap + j0;
+            #pragma GCC unroll 8
+            for (int r = 0; r < qb; r++) {
+                const float qd = qr[r][d];
+                #pragma GCC unroll 32
+                for (int l = 0; l < KB; l++) s[r][l] = fmaf(qd, kd[l], s[r][l]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int l = 0; l < KB; l++) sc[r * cap + j0 + l] = s[r][l] * scale;
+    }
+    float inv[QB];
+    for (int r = 0; r < nr; r++) {
+        float *p = sc + r * cap, mx = -INFINITY, lanes[16] = {0};
+        for (int64_t j = 0; j < n[r]; j++) mx = p[j] > mx ? p[j] : mx;
+        for (int64_t j = 0; j < n[r]; j++) p[j] = sd2_exp(p[j] - mx);
+        for (int64_t j = 0; j < n[r]; j++) lanes[j & 15] += p[j];
+        inv[r] = 1.0f / lane_sum(lanes);
+    }
+    for (int64_t c = 0; c < hd; c += 16) {  /* 16 output dimensions at a time, all queries */
+        float o[QB][16] = {{0}};
+        for (int64_t j = 0; j < nmin; j++) {  /* keys every query sees */
+            const float *vj = vg + j * hd + c;
+            #pragma GCC unroll 8
+            for (int r = 0; r < qb; r++) {
+                const float pr = sc[(r < nr ? r : 0) * cap + j];
+                #pragma GCC unroll 16
+                for (int l = 0; l < 16; l++) o[r][l] = fmaf(pr, vj[l], o[r][l]);
+            }
+        }
+        for (int r = 0; r < nr; r++) {  /* then each query's own tail, the chain continuing in order */
+            for (int64_t j = nmin; j < n[r]; j++) {
+                const float pr = sc[r * cap + j], *vj = vg + j * hd + c;
+                for (int l = 0; l < 16; l++) o[r][l] = fmaf(pr, vj[l], o[r][l]);
+            }
+            for (int l = 0; l < 16 && c + l < hd; l++) out[r][c + l] = o[r][l] * inv[r];
+        }
+    }
+}
+
+static void attend(const float *const *q, const int64_t *n, int nr, const float *kg, const float *vg, int64_t cap,
+                   int64_t hd, float scale, float *sc /* [QB][cap] */, float *const *out) {
+    if (nr <= 3)
+        attend_qb(3, q, n, nr, kg, vg, cap, hd, scale, sc, out);
+    else
+        attend_qb(QB, q, n, nr, kg, vg, cap, hd, scale, sc, out);
+}
+
 static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
     int64_t half = hd / 2;
     float tmp[512];
@@ -172,7 +266,8 @@ static void rope(float *v, const float *cos, const float *sin, int64_t hd) {
 }
 
 /* x [t, hidden] in place: x += attn(rms(x)); x += mlp(rms(x)). The new tokens sit at positions
-   [start, start + t) of the caches k [n_kv, hd, cap] (dimension-major) and v [n_kv, cap, hd]; cos/sin
+   [start, start + t) of the caches k [n_kv, hd, cap] (dimension-major, cap a multiple of 64) and
+   v [n_kv, cap, hd]; cos/sin
    [positions, hd]; scratch as sd2_layer_scratch. */
 void sd2_layer_forward(const sd2_layer *L, float *x, int64_t t, int64_t start, float *kc, float *vc, int64_t cap,
                        const float *cos, const float *sin, float *scratch, int nt) {
@@ -193,30 +288,34 @@ void sd2_layer_forward(const sd2_layer *L, float *x, int64_t t, int64_t start, f
             memcpy(vc + (g * cap + start + i) * hd, row + (nq + nkv + g) * hd, (size_t)hd * sizeof(float));
         }
     }
-    #pragma omp parallel for num_threads(nt) schedule(static) collapse(2) if (nt > 1 && t * end >= 64)
-    for (int64_t i = 0; i < t; i++) {
+    if (t == 1) {  /* decode: one query per head, the heads over the threads */
+        #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && end >= 64)
         for (int64_t hq = 0; hq < nq; hq++) {
-            const float *q = qkv + i * nqkv + hq * hd;
-            const float *kg = kc + (hq / group) * cap * hd, *vg = vc + (hq / group) * cap * hd;
-            float *sc = scores + (int64_t)omp_get_thread_num() * cap, *out = att + (i * nq + hq) * hd;
-            int64_t n = start + i + 1;  /* causal: up to itself */
-            float mx = -INFINITY, lanes[16] = {0};
-            for (int64_t j = 0; j < n; j++) sc[j] = 0.0f;
-            for (int64_t d = 0; d < hd; d++) {  /* keys stored dimension-major: 16 scores per vector op */
-                const float qd = q[d], *kd = kg + d * cap;
-                for (int64_t j = 0; j < n; j++) sc[j] = fmaf(qd, kd[j], sc[j]);
+            const float *q = qkv + hq * hd, *kg = kc + (hq / group) * hd * cap, *vg = vc + (hq / group) * cap * hd;
+            float *sc = scores + (int64_t)omp_get_thread_num() * QB * cap;  /* per thread */
+            if (hd == 64)
+                attend_row(q, kg, vg, start + 1, cap, 64, scale, sc, att + hq * hd);
+            else
+                attend_row(q, kg, vg, start + 1, cap, hd, scale, sc, att + hq * hd);
+        }
+    } else {
+        const int64_t per_kv = t * group, chunks = (per_kv + QB - 1) / QB;  /* queries of one kv head, in chunks */
+        #pragma omp parallel for num_threads(nt) schedule(static) collapse(2) if (nt > 1 && t * end >= 64)
+        for (int64_t g = 0; g < nkv; g++) {
+            for (int64_t ch = 0; ch < chunks; ch++) {
+                const float *q[QB];
+                float *out[QB];
+                int64_t n[QB] = {0};
+                int nr = 0;
+                for (int64_t r = ch * QB; r < per_kv && nr < QB; r++, nr++) {  /* row r / group, its head */
+                    int64_t i = r / group, hq = g * group + r % group;
+                    q[nr] = qkv + i * nqkv + hq * hd;
+                    out[nr] = att + (i * nq + hq) * hd;
+                    n[nr] = start + i + 1;
+                }
+                attend(q, n, nr, kc + g * hd * cap, vc + g * cap * hd, cap, hd, scale,
+                       scores + (int64_t)omp_get_thread_num() * QB * cap, out);
             }
-            for (int64_t j = 0; j < n; j++) {
-                sc[j] *= scale;
-                mx = sc[j] > mx ? sc[j] : mx;
-            }
-            for (int64_t j = 0; j < n; j++) sc[j] = sd2_exp(sc[j] - mx);
-            for (int64_t j = 0; j < n; j++) lanes[j & 15] += sc[j];
-            float inv = 1.0f / lane_sum(lanes);
-            for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t d = 0; d < hd; d++) out[d] = fmaf(sc[j], vg[j * hd + d], out[d]);
-            for (int64_t d = 0; d < hd; d++) out[d] *= inv;
         }
     }
     sd2_f16_gemm_mt(att, t, nq * hd, L->o, H, tmp, nt);
@@ -240,5 +339,5 @@ void sd2_rms(const float *x, int64_t t, int64_t n, const float *w, float eps, fl
 /* Floats of scratch sd2_layer_forward needs for t new tokens, a cache of cap positions and nt threads. */
 int64_t sd2_layer_scratch(const sd2_layer *L, int64_t t, int64_t cap, int nt) {
     int64_t nqkv = (L->n_heads + 2 * L->n_kv) * L->head_dim;
-    return t * (2 * L->hidden + nqkv + L->n_heads * L->head_dim + 3 * L->inter) + (int64_t)nt * cap;
+    return t * (2 * L->hidden + nqkv + L->n_heads * L->head_dim + 3 * L->inter) + (int64_t)nt * QB * cap;
 }
