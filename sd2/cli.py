@@ -67,7 +67,7 @@ def eval_cmd(
     uag: bool = typer.Option(False, help="allow a drafter with another tokenizer"),
     context: int = typer.Option(256, help="context length for attention MACs"),
     fast_path: str = typer.Option("auto", help="numeric path: " + " | ".join(FAST_PATHS) + " (auto: lean engine with "
-                                  "fp16-packed weights on the CPU, HF modules on a GPU; none: HF modules, exact)"),
+                                  "fp16 weights (sd2's C kernel) on the CPU, HF modules on a GPU; none: HF modules)"),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights"),
     trust_remote_code: bool = typer.Option(False),
     records: bool = typer.Option(True, help="also write per-prompt records beside --out (.records.csv)"),

@@ -118,9 +118,9 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     uag: bool = Field(False, description="allow a drafter with another tokenizer (Universal Assisted Generation)")
     context: int = Field(256, ge=0, description="context length at which attention MACs are counted")
     fast_path: FastPath = Field(
-        "auto", description="numeric path: auto (CPU: lean engine with fp16-packed weights where the models allow "
-        "it; GPU: none) | none (HF modules, exact in the dtype) | lean (fused weights, preallocated KV cache) | "
-        "lean-fp16 | drafter-fp16 | fp16 (HF modules with fp16-packed GEMMs)")
+        "auto", description="numeric path: auto (CPU: lean engine with fp16 weights where the models allow it; "
+        "GPU: none) | none (HF modules, exact in the dtype) | lean (fused weights, preallocated KV cache) | "
+        "lean-fp16 (each layer one call into sd2's C kernel) | drafter-fp16 | fp16 (HF modules, fp16-weight GEMMs)")
     replay_gammas: list[Gamma] | None = Field(
         None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
     replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")
@@ -354,7 +354,7 @@ PROFILES: dict[str, dict] = {
 
 
 def _cpu_only() -> bool:
-    """No GPU visible: the pipeline's distillation then runs the CPU's fast numeric path (fp16-packed GEMMs)."""
+    """No GPU visible: the pipeline's distillation then runs the CPU's fast numeric path (fp16-weight GEMMs)."""
     from sd2.device import visible_gpus
 
     return not visible_gpus()

@@ -315,7 +315,7 @@ def numeric_path(model, fast_path: str = "none") -> str:
     base = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     if p is not None and p.device.type != "cpu":
         base += f" on {p.device}"
-    return {"none": base, "drafter-fp16": f"{base} target, fp16-packed drafter",
+    return {"none": base, "drafter-fp16": f"{base} target, fp16-weight drafter",
             "fp16": "fp16-weight target and drafter", "lean": f"{base}, lean engine",
             "lean-fp16": "fp16 weights, lean engine (sd2 CPU kernel)"}[fast_path]
 

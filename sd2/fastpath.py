@@ -34,8 +34,9 @@ from sd2.errors import UserError
 
 PACKED = ("fp16", "drafter-fp16", "lean-fp16")  # the paths that run fp16 weights through sd2's kernel (CPU only)
 SOURCE = Path(__file__).parent / "kernels" / "cpu.c"
-# -fopenmp: the kernel's threads come from the OpenMP runtime torch has already loaded (same libgomp soname)
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# -fopenmp: the kernel's threads come from the OpenMP runtime torch has already loaded (same libgomp soname);
+# -ffp-contract=off: only the code's explicit FMAs fuse, so any x86-64 build (AVX-512 or not) gives the same bits
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 COLS = 64  # the kernel's column tile (weights are packed [N/64][K][64])
 
 
@@ -58,45 +59,62 @@ def _cpu_flags() -> str:
 
 
 def kernel_version() -> str:
-    """A short digest of the kernel's source: results and caches of the fp16 paths are per kernel version."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    """A digest of the kernel's source and the flags that decide its numbers (not -march: every x86-64 build gives
+    the same bits, tested): results and caches of the fp16 paths are per kernel version."""
+    flags = [f for f in CFLAGS if not f.startswith("-march")]
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+
+
+def compiler() -> str | None:
+    """$CC when set, else cc or gcc on the PATH."""
+    return shutil.which(os.environ["CC"]) if os.environ.get("CC") else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def build(cc: str, lib: Path, flags: list[str] = CFLAGS) -> None:
+    """Compile the kernel into `lib`, built aside and moved in whole (nothing half-written is left)."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        run = subprocess.run([cc, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        if run.returncode != 0:
+            first = (run.stderr.strip().splitlines() or ["no output"])[0]
+            raise UserError(f"--fast-path fp16/lean-fp16: {cc} could not build sd2's fp16 kernel ({first}); "
+                            "use --fast-path lean (fp32) or none")
+        os.replace(out, lib)
+
+
+def load(lib: Path) -> ctypes.CDLL:
+    """A built kernel with its functions' signatures."""
+    dll = ctypes.CDLL(str(lib))
+    dll.sd2_f16_gemm_mt.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_int64, c_void_p, c_int]
+    dll.sd2_layer_forward.argtypes = [ctypes.POINTER(LayerSpec), c_void_p, c_int64, c_int64, c_void_p, c_void_p,
+                                      c_int64, c_void_p, c_void_p, c_void_p, c_int]
+    dll.sd2_layer_scratch.argtypes = [ctypes.POINTER(LayerSpec), c_int64, c_int64, c_int]
+    dll.sd2_rms.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_float, c_void_p]
+    for fn in (dll.sd2_f16_gemm_mt, dll.sd2_layer_forward, dll.sd2_rms):
+        fn.restype = None
+    dll.sd2_layer_scratch.restype = c_int64
+    return dll
 
 
 @functools.lru_cache(maxsize=1)
 def kernel() -> ctypes.CDLL:
-    """The compiled kernel, built on first use into $SD2_HOME/cache/kernels (keyed by source, flags and CPU) and
-    reused after; a machine without a C compiler gets one line naming the alternatives."""
+    """The compiled kernel, built on first use into $SD2_HOME/cache/kernels (keyed by source, flags, compiler and
+    CPU: -march=native code may not run on another CPU sharing SD2_HOME) and reused after; a machine without a C
+    compiler gets one line naming the alternatives."""
     from sd2.models import sd2_home
 
-    src = SOURCE.read_bytes()
-    cc = shutil.which(os.environ["CC"]) if os.environ.get("CC") else (shutil.which("cc") or shutil.which("gcc"))
-    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + _cpu_flags().encode() + str(cc).encode()).hexdigest()
-    lib = sd2_home() / "cache" / "kernels" / f"f16gemm-{key[:16]}.so"
+    cc = compiler()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags().encode()
+                         + str(cc).encode()).hexdigest()
+    lib = sd2_home() / "cache" / "kernels" / f"cpu-{key[:16]}.so"
     if not lib.exists():
         if cc is None:
             raise UserError("--fast-path fp16/lean-fp16: building sd2's fp16 kernel needs a C compiler "
                             f"({'CC=' + os.environ['CC'] + ' not found' if os.environ.get('CC') else 'cc or gcc'}); "
                             "install one, or use --fast-path lean (fp32) or none")
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # built aside, then moved in whole
-            out = Path(tmp) / lib.name
-            run = subprocess.run([cc, *CFLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
-            if run.returncode != 0:
-                first = (run.stderr.strip().splitlines() or ["no output"])[0]
-                raise UserError(f"--fast-path fp16/lean-fp16: {cc} could not build sd2's fp16 kernel ({first}); "
-                                "use --fast-path lean (fp32) or none")
-            os.replace(out, lib)
-    dll = ctypes.CDLL(str(lib))
-    dll.sd2_f16_gemm_mt.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_int64, c_void_p, c_int]
-    dll.sd2_f16_gemm_mt.restype = None
-    dll.sd2_layer_forward.argtypes = [ctypes.POINTER(LayerSpec), c_void_p, c_int64, c_int64, c_void_p, c_void_p,
-                                      c_int64, c_void_p, c_void_p, c_void_p, c_int]
-    dll.sd2_layer_forward.restype = None
-    dll.sd2_layer_scratch.argtypes = [ctypes.POINTER(LayerSpec), c_int64, c_int64, c_int]
-    dll.sd2_layer_scratch.restype = c_int64
-    dll.sd2_rms.argtypes = [c_void_p, c_int64, c_int64, c_void_p, c_float, c_void_p]
-    dll.sd2_rms.restype = None
-    return dll
+        build(cc, lib)
+    return load(lib)
 
 
 class LayerSpec(ctypes.Structure):

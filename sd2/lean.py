@@ -64,7 +64,7 @@ def _native_layers(lm: "LeanLM", inner) -> list:
 
 
 class LeanLM:
-    """The weights of one model prepared for lean decoding (fused, optionally fp16-packed), built once;
+    """The weights of one model prepared for lean decoding (fused, optionally fp16 in the C kernel), built once;
     `session()` gives a KV cache to decode one sequence with."""
 
     def __init__(self, model, fp16_weights: bool = False):

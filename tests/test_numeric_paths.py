@@ -66,6 +66,28 @@ def test_lean_fp16_logits_do_not_depend_on_the_tokens_computed_with_them():
     torch.testing.assert_close(whole, m(torch.tensor([ids])).logits[0], atol=2e-2, rtol=2e-2)
 
 
+def test_lean_fp16_gives_the_same_bits_on_any_x86_64_build(tmp_path):
+    """The kernel built for this CPU (AVX-512 here) and for baseline x86-64 (no FMA unit, no vectors wider than
+    SSE2) compute every value the same way: the replay cache of target outputs is keyed by kernel version only."""
+    import platform
+
+    from sd2 import fastpath
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the baseline build compared here is x86-64's")
+    generic = tmp_path / "generic.so"
+    fastpath.build(fastpath.compiler(), generic, ["-march=x86-64" if f.startswith("-march") else f
+                                                  for f in fastpath.CFLAGS])
+    m = make_llama(300, layers=3, hidden=64, seed=7)
+    outs = []
+    for dll in (fastpath.kernel(), fastpath.load(generic)):
+        lm = lean.LeanLM(m, fp16_weights=True)
+        lm.kernel = dll
+        s = lm.session(capacity=64)
+        outs.append(torch.cat([s.forward(list(range(5, 25)), keep=20), s.forward([3], keep=1)]))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 def test_greedy_spec_equals_target_only_on_every_path(path, gamma):
@@ -163,7 +185,7 @@ def test_the_kernel_is_built_once_and_reused(fresh_kernel):
     from sd2 import fastpath
 
     fastpath.kernel()
-    built = list(fresh_kernel.glob("f16gemm-*.so"))
+    built = list(fresh_kernel.glob("cpu-*.so"))
     assert len(built) == 1 and not [p for p in fresh_kernel.iterdir() if p.is_dir()]
     stamp = built[0].stat().st_mtime_ns
     fastpath.kernel.cache_clear()
