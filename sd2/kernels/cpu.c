@@ -7,8 +7,8 @@
    Every output is one fused multiply-add chain over k = 0..K-1 starting from 0, so its bits do not depend on M,
    on how rows are grouped, on the thread that computes it, or on the instruction set: a token verified among
    γ+1 others gets exactly the logits it gets alone (speculative and target-only decoding agree by construction).
-   With AVX-512 up to 6 rows share each converted weight tile (at 5 rows this runs near the core's FMA peak,
-   where fbgemm's fp16 kernel reaches ~75% of it), which keeps a verification pass close to a one-token pass. */
+   With AVX-512 up to 6 rows share each converted weight tile (at 5 rows, in cache, ≈ 54 GFMA/s on one Zen 4
+   core; fbgemm's fp16 kernel ≈ 44), which keeps a verification pass close to a one-token pass. */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
