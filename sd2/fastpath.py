@@ -5,8 +5,8 @@ with ctypes): at batch 1 a decode step reads every weight once, so fp16 weights 
 verification pass over γ+1 tokens must cost little more than a one-token pass (the engine's `v`), which needs
 each converted weight tile reused by all γ+1 rows and the work split over the cores — fbgemm's fp16 GEMM (torch
 marks it deprecated, and runs it on one thread) is 1.6–2.3× slower at 5–48 rows here (bench/kernel.py). And
-every output element is one fixed fused multiply-add chain, so a token's logits do not depend on which tokens are verified with it: speculative decoding reproduces
-target-only decoding on this path by construction, not by luck.
+every output element is one fixed fused multiply-add chain, so a token's logits do not depend on which tokens
+are verified with it: speculative decoding reproduces target-only decoding on this path by construction.
 
 fp16 weights change numerics slightly, so: applying the path to a *drafter* never affects losslessness (the
 target decides every token); applying it to the *target* changes the reference too, so spec and target-only
