@@ -165,6 +165,16 @@ static void rms_rows(const float *x, int64_t t, int64_t n, const float *w, float
     }
 }
 
+/* Scores [0, n) → unnormalised exp(s - max) in place; returns 1 / their sum (the outputs are scaled once at the
+   end). Both attention variants below use it, so their probabilities are the same bits. */
+static inline float softmax(float *sc, int64_t n) {
+    float mx = -INFINITY, lanes[16] = {0};
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t j = 0; j < n; j++) sc[j] = sd2_exp(sc[j] - mx);
+    for (int64_t j = 0; j < n; j++) lanes[j & 15] += sc[j];
+    return 1.0f / lane_sum(lanes);
+}
+
 /* One query (one token, one head) over keys [0, n), 64 keys a block: the one-token decode step, whose heads are
    spread over the threads. The same chains, in the same order, as attend() below: identical bits. */
 static inline __attribute__((always_inline)) void attend_row(const float *q, const float *kg, const float *vg,
@@ -178,11 +188,7 @@ static inline __attribute__((always_inline)) void attend_row(const float *q, con
         int64_t nb = n - j0 < 64 ? n - j0 : 64;
         for (int64_t l = 0; l < nb; l++) sc[j0 + l] = s[l] * scale;
     }
-    float mx = -INFINITY, lanes[16] = {0}, o[512];
-    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    for (int64_t j = 0; j < n; j++) sc[j] = sd2_exp(sc[j] - mx);
-    for (int64_t j = 0; j < n; j++) lanes[j & 15] += sc[j];
-    float inv = 1.0f / lane_sum(lanes);
+    float o[512], inv = softmax(sc, n);
     for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
         const float p = sc[j], *vj = vg + j * hd;
@@ -192,8 +198,8 @@ static inline __attribute__((always_inline)) void attend_row(const float *q, con
 }
 
 /* Attention for up to QB queries that read the same kv head (GQA heads of a group and the rows verified
-   together; verification and prefill): each key and value is loaded once for all of them, which keeps a verification pass over γ+1 tokens
-   close to a one-token pass. Query r sees keys [0, n[r]) (causal: up to itself). Every score is one chain over
+   together; verification and prefill): each key and value is loaded once for all of them, which keeps a
+   verification pass over γ+1 tokens close to a one-token pass. Query r sees keys [0, n[r]) (causal: up to itself). Every score is one chain over
    the head dimensions and every output one chain over the keys in order, so a query's result does not depend
    on which queries share the call. Keys are dimension-major and cap a multiple of 64 (blocks of 32 keys may read
    past n but never past the cache). */
@@ -223,13 +229,7 @@ static inline __attribute__((always_inline)) void attend_qb(const int qb, const 
             for (int l = 0; l < KB; l++) sc[r * cap + j0 + l] = s[r][l] * scale;
     }
     float inv[QB];
-    for (int r = 0; r < nr; r++) {
-        float *p = sc + r * cap, mx = -INFINITY, lanes[16] = {0};
-        for (int64_t j = 0; j < n[r]; j++) mx = p[j] > mx ? p[j] : mx;
-        for (int64_t j = 0; j < n[r]; j++) p[j] = sd2_exp(p[j] - mx);
-        for (int64_t j = 0; j < n[r]; j++) lanes[j & 15] += p[j];
-        inv[r] = 1.0f / lane_sum(lanes);
-    }
+    for (int r = 0; r < nr; r++) inv[r] = softmax(sc + r * cap, n[r]);
     for (int64_t c = 0; c < hd; c += 16) {  /* 16 output dimensions at a time, all queries */
         float o[QB][16] = {{0}};
         for (int64_t j = 0; j < nmin; j++) {  /* keys every query sees */
