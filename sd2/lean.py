@@ -46,20 +46,24 @@ def _packed(w: torch.Tensor):
     return packed_linear(w)
 
 
+def _fused(layer) -> tuple:
+    """One decoder layer's weights as the lean forward reads them: (ln1, q|k|v, o, ln2, gate|up, down, inter)."""
+    a, m = layer.self_attn, layer.mlp
+    return (layer.input_layernorm.weight.detach(), torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            a.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+            torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight.detach(), m.gate_proj.weight.shape[0])
+
+
 def _native_layers(lm: "LeanLM", inner) -> list:
     """Each decoder layer as the C kernel's spec (fp16 tiles, fp32 norms), with the tensors it points to."""
     from sd2.fastpath import LayerSpec, pack
 
     out = []
     for layer in inner.layers:
-        a, m = layer.self_attn, layer.mlp
-        keep = [layer.input_layernorm.weight.detach().float().contiguous(),
-                layer.post_attention_layernorm.weight.detach().float().contiguous(),
-                pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), pack(a.o_proj.weight),
-                pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight)]
-        spec = LayerSpec(lm.hidden, lm.n_heads, lm.n_kv, lm.head_dim, m.gate_proj.weight.shape[0], lm.eps,
-                         *(t.data_ptr() for t in keep))
-        out.append((spec, keep))
+        ln1, qkv, o, ln2, gate_up, down, inter = _fused(layer)
+        keep = [ln1.float().contiguous(), ln2.float().contiguous(), pack(qkv), pack(o), pack(gate_up), pack(down)]
+        out.append((LayerSpec(lm.hidden, lm.n_heads, lm.n_kv, lm.head_dim, inter, lm.eps,
+                              *(t.data_ptr() for t in keep)), keep))
     return out
 
 
@@ -88,13 +92,9 @@ class LeanLM:
 
             self.kernel, self.dtype, self.embed = kernel(), torch.float32, self.embed.float()
             self.native = _native_layers(self, inner)
-        for layer in inner.layers if self.native is None else ():
-            a, m = layer.self_attn, layer.mlp
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-            gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
-            self.layers.append((layer.input_layernorm.weight.detach(), lin(qkv), lin(a.o_proj.weight),
-                                layer.post_attention_layernorm.weight.detach(), lin(gate_up), lin(m.down_proj.weight),
-                                m.gate_proj.weight.shape[0]))
+        else:
+            for ln1, qkv, o, ln2, gate_up, down, inter in map(_fused, inner.layers):
+                self.layers.append((ln1, lin(qkv), lin(o), ln2, lin(gate_up), lin(down), inter))
         self.norm = inner.norm.weight.detach().to(self.dtype).contiguous()
         self.lm_head = lin(model.get_output_embeddings().weight)
         fc = getattr(model, "eagle_fc", None)  # a feature drafter (sd2.eagle): fc([embed; target feature])
