@@ -103,3 +103,15 @@ def seed_file(tmp_path_factory) -> Path:
              "response": f"the quick brown fox {i} jumps over the lazy dog."} for i in range(10)]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """A machine that has not built sd2's fp16 kernel yet (own SD2_HOME, nothing cached in the process); yields
+    where it would be built."""
+    from sd2 import fastpath
+
+    monkeypatch.setenv("SD2_HOME", str(tmp_path / "home"))
+    fastpath.kernel.cache_clear()
+    yield tmp_path / "home" / "cache" / "kernels"
+    fastpath.kernel.cache_clear()

@@ -168,20 +168,14 @@ def test_prompt_files(tmp_path, monkeypatch, tiny_model_dir, lines, needle):
     assert not (tmp_path / "o.json").exists()
 
 
-def test_a_machine_without_a_c_compiler_gets_one_line_for_the_kernel_paths(tmp_path, monkeypatch, tiny_model_dir):
+def test_a_machine_without_a_c_compiler_gets_one_line_for_the_kernel_paths(tmp_path, monkeypatch, tiny_model_dir,
+                                                                          fresh_kernel):
     """`--fast-path lean-fp16` needs sd2's C kernel built: no compiler → one line naming the alternatives, exit 2,
     no result written and nothing half-built left (`auto` picks `lean` there: test_numeric_paths)."""
-    from sd2 import fastpath
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SD2_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    fastpath.kernel.cache_clear()
-    try:
-        res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(tiny_model_dir),
-                                  "--fast-path", "lean-fp16", "--limit", "1", "--out", "o.json"])
-    finally:
-        fastpath.kernel.cache_clear()
+    res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(tiny_model_dir),
+                              "--fast-path", "lean-fp16", "--limit", "1", "--out", "o.json"])
     _one_line_exit_2(res, "--fast-path fp16/lean-fp16: building sd2's fp16 kernel needs a C compiler")
     assert "use --fast-path lean (fp32) or none" in res.output
     assert not (tmp_path / "o.json").exists() and not list((tmp_path / "home").rglob("*.so"))

@@ -156,17 +156,6 @@ def test_a_path_the_models_cannot_run_is_one_clear_error():
     assert resolve_fast_path("auto", t, q) == "fp16"  # auto never picks what cannot run
 
 
-@pytest.fixture
-def fresh_kernel(tmp_path, monkeypatch):
-    """A machine that has not built the fp16 kernel yet (own SD2_HOME, nothing cached in the process)."""
-    from sd2 import fastpath
-
-    monkeypatch.setenv("SD2_HOME", str(tmp_path / "home"))
-    fastpath.kernel.cache_clear()
-    yield tmp_path / "home" / "cache" / "kernels"
-    fastpath.kernel.cache_clear()
-
-
 @pytest.mark.parametrize("cc, message", [
     ("/nonexistent/cc", r"needs a C compiler \(CC=/nonexistent/cc not found\).*use --fast-path lean \(fp32\) or none"),
     ("false", r"false could not build sd2's fp16 kernel.*use --fast-path lean \(fp32\) or none"),
