@@ -206,13 +206,14 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
                                        "gamma": settings.gamma, "eval_limit": settings.limit,
                                        "eval.numeric_path": res.get("numeric_path"),
                                        "eval.draft_threshold": settings.draft_threshold,
-                                       "eval.lookup": settings.lookup},
+                                       "eval.lookup": settings.lookup, "eval.shared_kv": res.get("shared_kv")},
                                        res, records, model_dir=d.path, dataset_dir=dataset)
         run_ids.append(rid)
         rows.append({"drafter": d.name, "kind": d.params.get("kind", ""), **{f"prune.{k}": v for k, v in
                      d.params.get("prune", {}).items()},
                      **{k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio",
                                             "theoretical_speedup", "speedup", "lossless")},
+                     "shared_kv": res.get("shared_kv", False),
                      "mal_ci95": f"{res['mal_ci95'][0]:.2f}–{res['mal_ci95'][1]:.2f}",
                      **{f"mal.g{g}": v["mal"] for g, v in res.get("replay", {}).get("gammas", {}).items()},
                      **{f"mal.{k}": v["mal"] for k, v in res["extra"].items()},
@@ -307,13 +308,16 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                         sparse_ft_steps=cfg.sparse_ft_steps, train_batch_size=cfg.train_batch_size,
                                         lr=cfg.lr, train_loss=cfg.train_loss, packing=cfg.packing,
                                         draft_vocab=cfg.draft_vocab, layer_kd=cfg.layer_kd,
+                                        shared_kv=cfg.shared_kv, shared_kv_rounds=cfg.shared_kv_rounds,
+                                        train_dtype=cfg.train_dtype,
                                         threads=cfg.threads, cell_deployment=cfg.cell_deployment, **where),
                             fail_on_failed_cells=False) if cfg.prune else []
         common = {"init": base_model, "layers": "feature" if cfg.feature_drafter else cfg.drafter_layers,
                   "train.steps": cfg.train_steps,
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
-                       "sparse_ft.layer_kd": cfg.layer_kd,
+                       "sparse_ft.layer_kd": cfg.layer_kd, "train.shared_kv": cfg.shared_kv,
+                       "train.shared_kv_rounds": cfg.shared_kv_rounds, "train.dtype": cfg.train_dtype or cfg.dtype,
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
                        "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds,
                        "distill.magpie_openers": cfg.magpie_openers,
@@ -365,9 +369,9 @@ def _layer_baselines(cfg: PipelineConfig, cells: list[dict], dense: str, base_mo
         else:
             lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.layer_match_settings())
             steps = cfg.train_steps
-        lp_ft = train_drafter(lp, data, cfg.train_settings(steps)) if steps else lp
+        lp_ft = train_drafter(lp, data, cfg.train_settings(steps, shared_kv=False)) if steps else lp
         out.append(DrafterSpec(name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
-            **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell),
+            **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell), "train.shared_kv": False,
             "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,
             "layer_baseline.ft_steps": steps}))
     return out

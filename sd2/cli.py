@@ -78,6 +78,8 @@ def eval_cmd(
         None, help="dynamic draft length: stop drafting when the drafter's top-1 probability < this (0-1)"),
     lookup: int = typer.Option(0, help="prompt lookup in front of the drafter: copy what followed the context's last "
                                "n >= LOOKUP tokens where they occurred before (1-4; 0 = off)"),
+    shared_kv: str = typer.Option("auto", help="the drafter reads the target's KV cache: auto (when it was trained "
+                                  "so) | on | off"),
     device: DeviceOption = "auto",
     dtype: DTypeOption = "auto",
 ):
@@ -91,7 +93,7 @@ def eval_cmd(
                            gamma=gamma, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
                            replay_gammas=replay_gammas, replay_limit=replay_limit, device=device, dtype=dtype,
-                           draft_threshold=draft_threshold, lookup=lookup,
+                           draft_threshold=draft_threshold, lookup=lookup, shared_kv=shared_kv,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")
@@ -177,6 +179,10 @@ def train_cmd(
     layer_kd: float = typer.Option(0.0, help="weight of a per-layer hidden-state loss against the teacher "
                                    "(drafters as deep as the target; 0 = off)"),
     freeze_embeddings: bool = typer.Option(False, help="keep the input embeddings fixed"),
+    shared_kv: bool = typer.Option(False, help="train the drafter (a pruned copy of the target) to read the "
+                                   "target's KV cache, as sd2's engine then runs it"),
+    shared_kv_rounds: int = typer.Option(1, help="--shared-kv: positions per training draft round (γ: every draft "
+                                         "step as the engine runs it; 1: the first only)"),
     feature_drafter: bool = typer.Option(False, help="EAGLE-style drafter reading the target's hidden states "
                                          "(--init is then the target)"),
     feature_layer: int = typer.Option(-1, help="feature drafter: target layer its layers are copied from"),
@@ -210,7 +216,8 @@ def train_cmd(
                             grad_accum=grad_accum, seq_len=seq_len, warmup_ratio=warmup_ratio,
                             weight_decay=weight_decay, packing=packing, loss=loss, kd_target=kd_target,
                             kd_divergence=kd_divergence, kd_teacher=kd_teacher, draft_vocab=draft_vocab,
-                            layer_kd=layer_kd, freeze_embeddings=freeze_embeddings, curve_dir=curve_dir,
+                            layer_kd=layer_kd, freeze_embeddings=freeze_embeddings, shared_kv=shared_kv,
+                            shared_kv_rounds=shared_kv_rounds, curve_dir=curve_dir,
                             save_steps=save_steps,
                             feature_drafter=feature_drafter, feature_layer=feature_layer,
                             feature_layers=feature_layers, feature_unroll=feature_unroll,

@@ -130,6 +130,9 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in front of the drafter: when the "
                         "context's last n ≥ this many tokens occurred before, draft what followed them there (free, "
                         "lossless); 0 = off")
+    shared_kv: Literal["auto", "on", "off"] = Field(
+        "auto", description="the drafter reads the target's KV cache (sd2.sharedkv; a pruned copy of the target): "
+        "auto = when it was trained so (its config says), on/off to compare")
     load: ModelLoadOptions = ModelLoadOptions()
 
     @field_validator("categories", mode="before")
@@ -227,6 +230,12 @@ class TrainSettings(DevicePlacement):
                             "al. 2023): each decoder layer's output matched to the teacher's, normalised by the "
                             "teacher's; for a drafter as deep and wide as the target (a sparse copy); 0 = off")
     freeze_embeddings: bool = Field(False, description="keep the input embeddings fixed (the target's own)")
+    shared_kv: bool = Field(False, description="train the drafter to read the target's KV cache (sd2.sharedkv: a "
+                            "pruned copy of the target attends to the target's keys and values of the context, and "
+                            "drafts that way in sd2's engine)")
+    shared_kv_rounds: int = Field(1, ge=1, le=16, description="shared_kv: train in draft rounds of this many "
+                                  "positions (each at the draft step it has in the engine: the target's keys before "
+                                  "the round, its own within it; set to γ); 1 = every position the round's first")
     feature_drafter: bool = Field(False, description="train a feature drafter (EAGLE-style: one layer reading the "
                                   "target's hidden states; --init is then the target)")
     feature_layer: int = Field(-1, description="feature drafter: the target layer its layers are copied from")
@@ -398,6 +407,9 @@ class PipelineConfig(_Base):
     threads: int | None = Field(None, ge=1, description="torch threads of every stage (default: the profile's)")
     device: Device = "auto"
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
+    train_dtype: DType | None = Field(None, description="precision of training and sparse fine-tuning alone "
+                                      "(default: dtype); bfloat16 on a CPU with AVX-512 BF16 is mixed precision "
+                                      "≈ 1.7× faster per step")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
                                 "fp16 weights (sd2's C kernel) on the CPU, the HF modules on a GPU; none = HF modules")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length in evaluation: stop "
@@ -424,6 +436,11 @@ class PipelineConfig(_Base):
     freeze_embeddings: bool = Field(False, description="keep the drafter's input embeddings fixed")
     layer_kd: float = Field(0.0, ge=0, description="sparse fine-tuning: weight of a per-layer hidden-state loss "
                             "against the target (cells as deep as the target: drafter_layers '0--1'); 0 = off")
+    shared_kv: bool = Field(False, description="train (and evaluate) drafters that read the target's KV cache "
+                            "(sd2.sharedkv): for copies of the target's every layer (drafter_layers '0--1'), pruned "
+                            "by the sweep; the layer-pruned baselines keep their own cache")
+    shared_kv_rounds: int = Field(1, ge=1, le=16, description="shared_kv: positions per training draft round "
+                                  "(γ: every draft step trained as the engine runs it; 1: the first only)")
     packing: bool | None = Field(None, description="pack training examples into full seq_len blocks (default: the "
                                  "profile's)")
     feature_drafter: bool = Field(False, description="train an EAGLE-style feature drafter (one layer reading the "
@@ -467,6 +484,9 @@ class PipelineConfig(_Base):
             raise ValueError("train_steps: 0 skips dense training, which leaves nothing to evaluate without the prune "
                              "sweep (and a feature drafter is only made by training); set train_steps ≥ 1 or "
                              "prune: true")
+        if self.shared_kv and (self.feature_drafter or self.drafter_base):
+            raise ValueError("shared_kv: a drafter reads the target's KV cache when it is a copy of the target's "
+                             "layers; drop feature_drafter/drafter_base, or set shared_kv: false")
         if self.layer_kd and (not self.prune or self.sparse_ft_steps == 0):
             raise ValueError("layer_kd: the per-layer loss is for the sweep's sparse fine-tuning of a copy of the "
                              "target; set prune: true with sparse_ft_steps ≥ 1, or layer_kd: 0")
@@ -503,11 +523,15 @@ class PipelineConfig(_Base):
                                fast_path="fp16" if self.fast_path in ("auto", "lean-fp16", "fp16") and
                                self.device in ("auto", "cpu") and mode != "reference" and _cpu_only() else "none")
 
-    def train_settings(self, steps: int | None = None, loss: str | None = None) -> "TrainSettings":
+    def train_settings(self, steps: int | None = None, loss: str | None = None,
+                       shared_kv: bool | None = None) -> "TrainSettings":
         steps = steps or self.train_steps
         return TrainSettings(max_steps=steps, batch_size=self.train_batch_size, seq_len=self.seq_len, lr=self.lr,
-                             threads=self.threads, save_steps=steps, device=self.device, dtype=self.dtype,
+                             threads=self.threads, save_steps=steps, device=self.device,
+                             dtype=self.train_dtype or self.dtype,
                              loss=loss or self.train_loss, draft_vocab=self.draft_vocab,
+                             shared_kv=self.shared_kv if shared_kv is None else shared_kv,
+                             shared_kv_rounds=self.shared_kv_rounds,
                              freeze_embeddings=self.freeze_embeddings, packing=self.packing,
                              feature_drafter=self.feature_drafter, feature_noise=self.feature_noise,
                              feature_reads=self.feature_reads, feature_unroll=self.feature_unroll)
@@ -574,9 +598,13 @@ class SweepConfig(_Base):
                              "tokens while it is sparse fine-tuned (0: none; drafters that have one keep it)")
     layer_kd: float = Field(0.0, ge=0, description="weight of a per-layer hidden-state loss against the target "
                             "while sparse fine-tuning (cells as deep as the target); 0 = off")
+    shared_kv: bool = Field(False, description="sparse fine-tune cells to read the target's KV cache (cells as deep "
+                            "as the target; sd2.sharedkv)")
+    shared_kv_rounds: int = Field(1, ge=1, le=16, description="shared_kv: positions per training draft round")
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
+    train_dtype: DType | None = Field(None, description="precision of sparse fine-tuning (default: dtype)")
     cell_deployment: str | None = None
     eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")
 
@@ -592,5 +620,6 @@ class SweepConfig(_Base):
         return TrainSettings(max_steps=max(self.sparse_ft_steps, 1), batch_size=self.train_batch_size,
                              seq_len=self.seq_len, lr=self.lr, threads=self.threads, loss=self.train_loss,
                              packing=self.packing, draft_vocab=self.draft_vocab, layer_kd=self.layer_kd,
+                             shared_kv=self.shared_kv, shared_kv_rounds=self.shared_kv_rounds,
                              save_steps=max(self.sparse_ft_steps, 1), device=self.device,
-                             dtype=self.dtype)
+                             dtype=self.train_dtype or self.dtype)

@@ -19,6 +19,7 @@ from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.draftvocab import draft_ids
 from sd2.eagle import feature_layers, is_feature_drafter
+from sd2.sharedkv import shares_kv
 from sd2.errors import UserError
 from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
 from sd2.fastpath import pack_fp16, require_cpu
@@ -36,13 +37,15 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
                   fast_path: str = "auto", replay_gammas: list[int] | None = None,
                   replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None,
-                  draft_threshold: float | None = None, lookup: int = 0) -> tuple[dict, pd.DataFrame]:
+                  draft_threshold: float | None = None, lookup: int = 0, shared_kv: str = "auto"
+                  ) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
     `fast_path` prepares both models for a numeric path in place (resolve_fast_path); MACs are counted before.
     `replay_gammas` adds greedy MAL at other γ by exact replay (see `replay_greedy`) over `replay_prompts`
     (default: the same prompts), checked against the engine at `gamma` on the prompts both ran. `lookup` puts
-    prompt lookup in front of the drafter (SpecDecoder).
+    prompt lookup in front of the drafter (SpecDecoder); `shared_kv` (auto | on | off) lets the drafter read the
+    target's KV cache (sd2.sharedkv; auto: when the drafter was trained so).
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
@@ -58,9 +61,10 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     target, drafter = apply_fast_path(fast_path, target, drafter)
     if replay_gammas and draft_threshold is not None:
         raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
+    share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
                        drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,
-                       lookup=lookup)
+                       lookup=lookup, shared_kv=share)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
@@ -83,7 +87,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                                                                 costs["verify_cost_ratio"]),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
         "per_category": {},
-        "numeric_path": numeric_path(target, fast_path),
+        "numeric_path": numeric_path(target, fast_path), "shared_kv": share,
     }
     if draft_threshold is not None:  # dynamic draft length: how many drafts a step made on average
         out["draft_threshold"] = draft_threshold
@@ -101,7 +105,8 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         out["replay"] = replay_eval(target, target_tok, drafter, replay_prompts or prompts, replay_gammas,
                                     max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
                                     engine_gamma=gamma, seed=seed, progress=progress,
-                                    cache_dir=_replay_cache_dir(replay_cache, fast_path), lookup=lookup)
+                                    cache_dir=_replay_cache_dir(replay_cache, fast_path), lookup=lookup,
+                                    shared_kv=share)
     return out, df
 
 
@@ -156,9 +161,18 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
 
 
 def _replayer(target, drafter, prompt: list[int], tokens: list[int], max_new_tokens: int, eos: set[int],
-              lookup: int = 0):
-    """γ ↦ the replayed DecodeResult of one prompt: from teacher-forced matches (token drafters) or by running a
-    feature drafter on the target's teacher-forced features."""
+              lookup: int = 0, shared_kv: bool = False, target_tok=None):
+    """γ ↦ the replayed DecodeResult of one prompt: from teacher-forced matches (token drafters), by running a
+    feature drafter on the target's teacher-forced features, or (a drafter over the target's KV cache, whose
+    drafts depend on where each step starts) by the engine itself, checked against the target's output."""
+    if shared_kv:
+        def run(g: int) -> DecodeResult:
+            res = SpecDecoder(target, drafter, gamma=g, target_tokenizer=target_tok, lookup=lookup,
+                              shared_kv=True).generate(prompt, max_new_tokens)
+            if res.tokens != tokens:
+                raise RuntimeError(f"shared-KV decoding at γ={g} gave other tokens than the target alone")
+            return res
+        return run
     if not is_feature_drafter(drafter):
         matches = drafter_matches(drafter, prompt, tokens)
         return lambda g: replay_greedy(matches, tokens, g, max_new_tokens, eos, prompt, lookup)
@@ -216,7 +230,8 @@ def greedy_output(base: SpecDecoder, ids: list[int], max_new_tokens: int, cache_
 
 def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list[int], max_new_tokens: int,
                 cost_ratio: float, *, known: dict | None = None, engine: dict | None = None, engine_gamma: int = 4,
-                seed: int = 0, progress: bool = True, cache_dir: Path | None = None, lookup: int = 0) -> dict:
+                seed: int = 0, progress: bool = True, cache_dir: Path | None = None, lookup: int = 0,
+                shared_kv: bool = False) -> dict:
     """Greedy MAL, acceptance and theoretical speedup at each γ from one target decode and one drafter pass per
     prompt; `known` target outputs are reused (and others kept in `cache_dir`), and prompts also run by the
     engine (`engine`) cross-check the replay against it."""
@@ -227,8 +242,10 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     for p in tqdm(prompts, desc="replay", unit="prompt", disable=not progress):
         ids = encode_prompt(target_tok, p.text)
         tokens = known[p.id] if p.id in known else greedy_output(base, ids, max_new_tokens, cache_dir)
-        per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos, lookup)))
-    out = {"method": ("greedy replay: the target's greedy output and features (one teacher-forced target pass), the "
+        per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos, lookup,
+                                                shared_kv, target_tok)))
+    out = {"method": ("greedy, the engine run at each γ (a drafter over the target's KV cache)" if shared_kv else
+                      "greedy replay: the target's greedy output and features (one teacher-forced target pass), the "
                       "drafter run step by step" if is_feature_drafter(drafter) else
                       "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt"),
            "n_prompts": len(prompts), "gammas": {}}
@@ -412,6 +429,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
                              uag=cfg.uag, context=cfg.context, progress=progress,
                              names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path,
                              replay_gammas=cfg.replay_gammas, draft_threshold=cfg.draft_threshold, lookup=cfg.lookup,
+                             shared_kv=cfg.shared_kv,
                              replay_prompts=(load_prompts(cfg.prompts, cfg.categories, cfg.replay_limit)
                                              if cfg.replay_gammas and cfg.replay_limit else None),
                              replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]

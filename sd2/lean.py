@@ -114,8 +114,8 @@ class LeanLM:
         cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [n, head_dim]
 
-    def session(self, capacity: int = 512) -> "LeanSession":
-        return LeanSession(self, capacity)
+    def session(self, capacity: int = 512, share: "LeanSession | None" = None) -> "LeanSession":
+        return LeanSession(self, capacity, share)
 
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.native is not None:  # the kernel's per-row code: the same bits for a row alone or among others
@@ -139,18 +139,33 @@ class LeanSession:
     """One sequence's KV cache over a LeanLM. `forward(new_ids, keep)` appends `new_ids` at the current length
     and returns the logits [keep, V] of the last `keep` positions; `rollback(n)` keeps the first n positions.
     `feats` (a feature drafter's input) and `hidden` (also return the features of the new positions: True = the
-    normed hidden states the head reads, a tuple = sd2.eagle's multi-layer features) serve feature drafting."""
+    normed hidden states the head reads, a tuple = sd2.eagle's multi-layer features) serve feature drafting.
+    `share` (another model's session, the same cache layout) makes this one read and write that session's KV
+    buffers (sd2.sharedkv: a drafter over the target's cache); its own `length` says where it writes."""
 
-    def __init__(self, lm: LeanLM, capacity: int):
+    def __init__(self, lm: LeanLM, capacity: int, share: "LeanSession | None" = None):
         self.lm = lm
         self.length = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.capacity = 0
-        self._grow(capacity)
+        self.share = share
+        if share is None:
+            self._grow(capacity)
+        else:
+            self._follow(0)
 
-    def _grow(self, n: int) -> None:
+    def _follow(self, end: int) -> None:
+        """A shared session: the owner's buffers, grown first (keeping what this one wrote) if `end` needs it."""
+        own = self.share
+        if end > own.capacity:
+            own._grow(end, keep=max(own.length, self.length))
+        self.k, self.v, self.capacity = own.k, own.v, own.capacity
+        self.lm._tables(self.capacity)
+
+    def _grow(self, n: int, keep: int | None = None) -> None:
         n = max(n, 2 * self.capacity)
+        keep = self.length if keep is None else keep
         lm = self.lm
         if lm.native is not None:
             n = -(-n // 64) * 64  # the kernel scores 64 keys per block
@@ -161,9 +176,9 @@ class LeanSession:
         v = [torch.empty(shape, dtype=lm.dtype, device=lm.device) for _ in range(lm.n_layers)]
         kpos = 2 if lm.native is not None else 1  # the axis keys' positions run along
         for o, nw in zip(self.k, k):
-            nw.narrow(kpos, 0, self.length).copy_(o.narrow(kpos, 0, self.length))
+            nw.narrow(kpos, 0, keep).copy_(o.narrow(kpos, 0, keep))
         for o, nw in zip(self.v, v):
-            nw[:, : self.length] = o[:, : self.length]
+            nw[:, :keep] = o[:, :keep]
         self.k, self.v, self.capacity = k, v, n
         lm._tables(n)
 
@@ -173,7 +188,9 @@ class LeanSession:
         lm = self.lm
         t, start = len(new_ids), self.length
         end = start + t
-        if end > self.capacity:
+        if self.share is not None:
+            self._follow(end)
+        elif end > self.capacity:
             self._grow(end)
         x = lm.embed[torch.tensor(new_ids, device=lm.device)]  # [t, hidden]
         if lm.fc is not None:

@@ -20,6 +20,7 @@ from sd2.config import LOOKUP_MAX
 from sd2.device import synchronize
 from sd2.draftvocab import to_full, wide_head
 from sd2.eagle import feature_layers, is_feature_drafter, target_features
+from sd2.errors import UserError
 
 
 @dataclass
@@ -61,9 +62,12 @@ class _LeanCached:
     """The same interface over sd2.lean (a preallocated KV cache and fused weights), for models prepared with
     sd2.lean.attach."""
 
-    def __init__(self, model, capacity: int = 512):
+    def __init__(self, model, capacity: int = 512, share: "_LeanCached | None" = None):
         self.model = model
-        self.session = model.sd2_lean.session(capacity)
+        self.share = share
+        if share is not None:
+            _check_lean_share(model.sd2_lean, share.session.lm)
+        self.session = model.sd2_lean.session(capacity, share=share.session if share is not None else None)
         self.ids: list[int] = []
 
     def forward(self, ids: list[int], keep: int, feats: torch.Tensor | None = None,
@@ -82,6 +86,20 @@ class _LeanCached:
     def common_prefix(self, ids: list[int]) -> None:
         _common_prefix(self, ids)
 
+    def follow(self) -> None:
+        """A shared cache: start from what the owner holds (its committed positions)."""
+        self.ids = list(self.share.ids)
+        self.session.length = self.share.session.length
+
+    def release(self) -> None:
+        """Nothing to undo: the owner's next forward overwrites the rows this one wrote past its length."""
+
+
+def _check_lean_share(lm, owner) -> None:
+    if (lm.native is None) != (owner.native is None) or lm.dtype != owner.dtype or lm.n_layers != owner.n_layers:
+        raise UserError("--shared-kv: the drafter and the target run on different numeric paths (their KV caches "
+                        "differ in layout or dtype); use one --fast-path for both (lean-fp16, lean or none)")
+
 
 def _common_prefix(cache, ids: list[int]) -> None:
     """Invalidate everything after the longest common prefix of the cache and `ids`."""
@@ -93,22 +111,28 @@ def _common_prefix(cache, ids: list[int]) -> None:
     cache.rollback(min(n, len(ids) - 1))
 
 
-def cached(model, capacity: int = 512):
-    """A KV-cached decoder for `model`: the lean engine when the model was prepared for it, else HF's modules."""
-    return _LeanCached(model, capacity) if getattr(model, "sd2_lean", None) is not None else _Cached(model)
+def cached(model, capacity: int = 512, share=None):
+    """A KV-cached decoder for `model`: the lean engine when the model was prepared for it, else HF's modules.
+    `share`: another model's cached decoder whose KV cache this one reads and writes (sd2.sharedkv)."""
+    lean = getattr(model, "sd2_lean", None) is not None
+    if share is not None and lean != isinstance(share, _LeanCached):
+        raise UserError("--shared-kv: the drafter and the target run on different engines (lean vs HF modules); use "
+                        "one --fast-path for both")
+    return _LeanCached(model, capacity, share) if lean else _Cached(model, share)
 
 
 class _Cached:
     """A model plus its KV cache and the ids the cache holds; forward() feeds only what's new."""
 
-    def __init__(self, model):
+    def __init__(self, model, share: "_Cached | None" = None):
         self.model = model
+        self.share = share
         # Full layers everywhere, sliding-window models included (the mask still applies the window): a
         # sliding-window cache layer cannot roll back a multi-token verification once the context is longer
         # than the window (Gemma-3 beyond 512 tokens fails with a shape mismatch).
-        self.cache = DynamicCache()
+        self.cache = DynamicCache() if share is None else share.cache
         self.ids: list[int] = []
-        self._recording = False
+        self._recording = share is not None  # the owner records
 
     def forward(self, ids: list[int], keep: int, feats: torch.Tensor | None = None,
                 hidden: bool | tuple[int, ...] = False):
@@ -144,6 +168,13 @@ class _Cached:
 
     def common_prefix(self, ids: list[int]) -> None:
         _common_prefix(self, ids)
+
+    def follow(self) -> None:
+        self.ids = list(self.share.ids)
+
+    def release(self) -> None:
+        """Drop what this one appended to the owner's cache (its drafts)."""
+        self.rollback(len(self.share.ids))
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -209,6 +240,39 @@ class _SameVocabProposer:
 
     def accepted(self, ids: list[int]) -> None:
         self.d.rollback(len(ids))
+
+
+class _SharedKVProposer(_SameVocabProposer):
+    """A pruned copy of the target that drafts over the target's own KV cache (sd2.sharedkv): the committed
+    context's keys and values are the target's; the drafter writes its own only for the token it starts from and
+    its drafts, past the target's length, where the next verification overwrites them. Nothing is drafted before
+    the target's first pass."""
+
+    def __init__(self, drafter, target_cache, eos: set[int], temperature: float, gen: torch.Generator | None,
+                 threshold: float | None = None):
+        self.t = target_cache
+        self.d = cached(drafter, share=target_cache)
+        self.eos, self.temperature, self.gen, self.threshold = eos, temperature, gen, threshold
+        self.full = to_full(drafter)
+
+    def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        if n <= 0 or not self.t.ids:
+            return [], None
+        assert len(self.t.ids) == len(ids) - 1, "the target must hold every committed position but the last"
+        self.d.follow()
+        seq = list(ids)
+
+        def step(tok: int) -> torch.Tensor:
+            seq.append(tok)
+            return self.d.forward(seq, keep=1)
+
+        try:
+            return _draft_chain(self, self.d.forward(seq, keep=1), step, n)
+        finally:
+            self.d.release()
+
+    def accepted(self, ids: list[int]) -> None:
+        pass
 
 
 class _FeatureProposer:
@@ -363,7 +427,7 @@ class SpecDecoder:
 
     def __init__(self, target, drafter=None, *, gamma: int = 4, temperature: float = 0.0,
                  target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False,
-                 draft_threshold: float | None = None, lookup: int = 0):
+                 draft_threshold: float | None = None, lookup: int = 0, shared_kv: bool = False):
         if gamma < 1:
             raise ValueError("gamma must be >= 1")
         if lookup < 0:
@@ -381,6 +445,14 @@ class SpecDecoder:
         if cross_tokenizer and (target_tokenizer is None or drafter_tokenizer is None):
             raise ValueError("cross-tokenizer decoding needs both tokenizers")
         self.eos = eos_ids(target, target_tokenizer)
+        self.shared_kv = shared_kv  # the drafter reads the target's KV cache (sd2.sharedkv)
+        if shared_kv and (drafter is None or cross_tokenizer or is_feature_drafter(drafter)):
+            raise ValueError("shared_kv needs a same-vocabulary drafter cut from the target (not UAG or a feature "
+                             "drafter)")
+        if shared_kv:
+            from sd2.sharedkv import check_pair
+
+            check_pair(target, drafter)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, seed: int = 0,
@@ -398,6 +470,9 @@ class SpecDecoder:
                 proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok, dprompt, len(prompt), teos,
                                                self.temperature, gen, capacity=2 * capacity + len(dprompt),
                                                threshold=self.draft_threshold)
+            elif self.shared_kv:
+                proposer = _SharedKVProposer(self.drafter, target, self.eos, self.temperature, gen,
+                                             threshold=self.draft_threshold)
             else:
                 kind = _FeatureProposer if is_feature_drafter(self.drafter) else _SameVocabProposer
                 proposer = kind(self.drafter, self.eos, self.temperature, gen, capacity=capacity,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd2 import draftvocab, eagle
+from sd2 import draftvocab, eagle, sharedkv
 from sd2.config import TrainConfig
 from sd2.data import encode_prompt, load_distilled
 from sd2.errors import UserError
@@ -280,6 +280,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     _check_draft_vocab(cfg)
     if cfg.layer_kd:
         _check_layer_kd(cfg)
+    if cfg.shared_kv:
+        _check_shared_kv(cfg)
     _validate_deepspeed(cfg)
     gpus = torch.cuda.device_count() if where.is_cuda else 0
     on_cpu = gpus == 0
@@ -362,18 +364,19 @@ def _trainer_class():
         teacher, stored_teacher, kd_divergence = None, False, "fkl"
         teacher_head = None  # a feature drafter's live teacher: the target's head, applied to the target's features
         feature_weight, feature_noise, feature_unroll = 1.0, 0.0, False
-        layer_teacher, layer_kd = None, 0.0  # the target, for the per-layer hidden-state loss
+        # the target, for the per-layer hidden-state loss / whose KV cache a shared-KV drafter reads (sd2.sharedkv)
+        layer_teacher, layer_kd, kv_teacher, kv_rounds = None, 0.0, None, 1
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "feats" in inputs:
                 outputs, loss = self._feature_drafter_loss(model, inputs)
             else:
+                more, t_logits = _shared_kv_inputs(self, inputs) if self.kv_teacher is not None else ({}, None)
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                output_hidden_states=bool(self.layer_kd))
-
-                def live():
-                    return self.teacher.to(outputs.logits.device)(input_ids=inputs["input_ids"],
-                                                                  attention_mask=inputs["attention_mask"]).logits
+                                output_hidden_states=bool(self.layer_kd), **more)
+                def live():  # the teacher's logits (already computed with the target's K/V when it is that model)
+                    return t_logits if t_logits is not None else self.teacher.to(outputs.logits.device)(
+                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
                 loss = self._token_loss(outputs.logits, inputs["labels"], inputs.get("topk_ids"),
                                         inputs.get("topk_logits"), live if self.teacher is not None else None)
                 if self.layer_kd:
@@ -434,6 +437,16 @@ def _trainer_class():
     return SD2Trainer
 
 
+def _shared_kv_inputs(trainer, inputs: dict) -> tuple[dict, torch.Tensor | None]:
+    """A shared-KV drafter's extra forward inputs: the target's K/V from one no-grad pass (its logits too when KD
+    runs live from the same model), and where this step's draft rounds start."""
+    trainer.kv_teacher = trainer.kv_teacher.to(inputs["input_ids"].device)
+    kv, t_logits = sharedkv.target_kv(trainer.kv_teacher, inputs["input_ids"], inputs["attention_mask"],
+                                      logits=trainer.teacher is trainer.kv_teacher)
+    rounds = trainer.kv_rounds
+    return {"sd2_target_kv": kv, "sd2_rounds": rounds, "sd2_offset": int(torch.randint(rounds, ()))}, t_logits
+
+
 def _check_layer_kd(cfg: TrainConfig) -> None:
     """--layer-kd pairs layer i of the drafter with layer i of the teacher: both must have the same depth and width
     (checked on the configs, before any model is loaded)."""
@@ -451,6 +464,21 @@ def _check_layer_kd(cfg: TrainConfig) -> None:
                         "(e.g. a pruned copy), or --layer-kd 0")
 
 
+def _check_shared_kv(cfg: TrainConfig) -> None:
+    """--shared-kv: the drafter's layer i reads the target's layer i cache (checked on the configs)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from sd2.models import resolve_spec
+
+    if cfg.feature_drafter:
+        raise UserError("--shared-kv: a feature drafter reads the target's hidden state, not its KV cache; drop one")
+    t, d = (SimpleNamespace(config=AutoConfig.from_pretrained(resolve_spec(s, cfg.load.allow_pickle)))
+            for s in (cfg.kd_target or _data_target(cfg.data, "--shared-kv"), cfg.init))
+    sharedkv.check_pair(t, d)
+
+
 def _set_losses(trainer, cfg: TrainConfig, where, tok, stored: bool, teacher_head) -> None:
     """The trainer's loss settings and teachers: stored logits, a live teacher, a feature drafter's teacher head,
     the body the per-layer loss compares with (one teacher model serves both)."""
@@ -465,6 +493,9 @@ def _set_losses(trainer, cfg: TrainConfig, where, tok, stored: bool, teacher_hea
     if cfg.layer_kd:
         trainer.layer_kd = cfg.layer_kd
         trainer.layer_teacher = trainer.teacher or _teacher(cfg, where, tok)
+    if cfg.shared_kv:
+        trainer.kv_teacher = trainer.teacher or trainer.layer_teacher or _teacher(cfg, where, tok)
+        trainer.kv_rounds = cfg.shared_kv_rounds
 
 
 def _teacher(cfg: TrainConfig, where, tok):
@@ -526,6 +557,9 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     if cfg.feature_drafter:  # --init is the target: the drafter is built from it and reads its features
         target, model = model, eagle.build(model, cfg.feature_layer, cfg.feature_layers, tuple(cfg.feature_reads))
     model.train()
+    if cfg.shared_kv:  # trained as it drafts: over the target's keys and values (marked in its config)
+        sharedkv.use_for_training(model)
+        sharedkv.mark(model)
     ds = load_distilled(cfg.data)
     stored = _stored_teacher(cfg, ds)
     parts, counts = [], {}  # the examples of --data and of each --extra-data

@@ -33,6 +33,7 @@ CONFIG_CASES = [
     ({"sweep": {"owl_lambda": 0.7}}, "sweep.owl-lambda"),
     ({"layer_kd": -1}, "layer-kd"),
     ({"layer_kd": 1.0, "prune": False}, "layer_kd: the per-layer loss"),
+    ({"shared_kv": True, "feature_drafter": True, "prune": False}, "shared_kv: a drafter reads the target's KV"),
     ({"gamma": 0}, "gamma"),
     ({"gamma": 100}, "gamma"),
     ({"eval_gammas": [2, 0]}, "eval-gammas.1"),
@@ -179,6 +180,23 @@ def test_a_machine_without_a_c_compiler_gets_one_line_for_the_kernel_paths(tmp_p
     _one_line_exit_2(res, "--fast-path fp16/lean-fp16: building sd2's fp16 kernel needs a C compiler")
     assert "use --fast-path lean (fp32) or none" in res.output
     assert not (tmp_path / "o.json").exists() and not list((tmp_path / "home").rglob("*.so"))
+
+
+def test_eval_shared_kv_with_a_drafter_that_cannot_read_the_targets_cache(tmp_path, monkeypatch, tiny_model_dir,
+                                                                           tok300):
+    from sd2.models import save_model
+    from tests.conftest import make_llama
+
+    monkeypatch.chdir(tmp_path)
+    sliced = save_model(make_llama(len(tok300), layers=1, hidden=64, eos=tok300.eos_token_id), tok300,
+                        tmp_path / "sliced")
+    res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(sliced), "--shared-kv", "on",
+                              "--limit", "1", "--out", "o.json"])
+    _one_line_exit_2(res, "--shared-kv: the drafter cannot read the target's KV cache (layers 1 vs the target's 2)")
+    assert not (tmp_path / "o.json").exists()
+    res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(sliced), "--shared-kv",
+                              "maybe", "--limit", "1", "--out", "o.json"])
+    _one_line_exit_2(res, "shared-kv")
 
 
 def test_distill_seed_file_without_answers_in_rewrite_mode(tmp_path, tiny_model_dir):

@@ -279,7 +279,8 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     """configs/drafter-smollm2-sparse.yaml's shape: train_steps 0 and drafter_layers '0--1' → the sweep prunes a
     copy of the whole target, and sparse fine-tuning (KD from stored logits) gives it the compact head; the
     layer-pruned baseline is cut from the same copy with matched MACs. No dense drafter is evaluated (untrained,
-    it would be the target itself)."""
+    it would be the target itself). The sparse cell is fine-tuned (in bf16) to draft over the target's KV cache
+    and evaluated so; the layer-pruned baseline, which cannot, keeps its own."""
 
     from flows.pipeline import sd2_pipeline
     from sd2.config import PipelineConfig, SweepGrid
@@ -290,17 +291,22 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
                   sweep=SweepGrid(methods=["sparsegpt"], patterns=["unstructured"], sparsities=[0.7],
                                   allocation="owl", owl_lambda=0.05),
                   distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, untuned_baseline=False,
-                  register_champion=False, layer_kd=1.0)
+                  register_champion=False, layer_kd=1.0, shared_kv=True, shared_kv_rounds=2,
+                  train_dtype="bfloat16")
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7-owl", "layer-pruned-0.7"]
     assert all(r["lossless"] for r in rows)
+    assert [r["shared_kv"] for r in rows] == [True, False]
     run = _newest_run(tiny_target, "sparsegpt-unstructured-0.7-owl")
     assert run["params.train.steps"] == "0" and run["params.prune.allocation"] == "owl"
+    assert run["params.train.shared_kv"] == "True" and run["params.train.shared_kv_rounds"] == "2"
+    assert _newest_run(tiny_target, "layer-pruned-0.7")["params.train.shared_kv"] == "False"
     assert run["params.sparse_ft.layer_kd"] == "1.0"
     sparse = Path(run["tags.sd2.model_dir"])
     assert len(json.loads((sparse / "draft_vocab.json").read_text())["draft_ids"]) == 64
     record = json.loads((sparse / "sd2_train.json").read_text())
     assert record["kd_teacher"] == "stored" and record["config"]["layer_kd"] == 1.0
+    assert record["config"]["shared_kv"] and record["config"]["dtype"] == "bfloat16"
     carried = json.loads((sparse / "sparsity.json").read_text())  # the pruning record travels with the cell
     assert carried["allocation"] == "owl" and len(set(carried["layer_sparsity"])) > 1
     model, _ = load_model(str(sparse), with_tokenizer=False)

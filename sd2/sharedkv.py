@@ -1,0 +1,102 @@
+"""Drafters that read the target's KV cache (a pruned copy of the target: same layers, heads and rotary).
+
+Why: a sparse drafter as deep as the target drafts each token from its own keys and values of the whole context,
+each computed with 70% of the weights gone, so its errors compound over the context. The target's keys and values
+of every committed token are exact and already computed — verification writes them — so the drafter attends to
+those and computes its own only for the token it starts from and its drafts, in the same cache rows the target's
+next verification overwrites. No extra MACs, no drafter KV cache, and the target still verifies every token
+(lossless by construction).
+
+Training matches it: position i of a training block attends to the target's keys and values of positions < i and
+to its own at i (`attention`, registered as an HF attention implementation; the target's K/V come from one
+no-grad target pass per step, `target_kv`). A drafter trained so carries `sd2_shared_kv` in its config, and sd2's
+engine reads the target's cache with it by default; plain transformers loads it as the Llama model it is (as HF's
+`assistant_model` it drafts from its own cache, with a lower acceptance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sd2.errors import UserError
+
+MARK = "sd2_shared_kv"
+IMPL = "sd2_shared_kv"  # the HF attention implementation used while training
+
+
+def shares_kv(model) -> bool:
+    """Whether `model` was trained to read the target's KV cache (its config carries the mark)."""
+    return bool(getattr(getattr(model, "config", None), MARK, False))
+
+
+def mark(model) -> None:
+    setattr(model.config, MARK, True)
+
+
+def _attention_shape(config) -> dict:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"layers": c.num_hidden_layers, "key_value_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "rotary": getattr(c, "rope_parameters", None) or getattr(c, "rope_theta", None),
+            "model_type": c.model_type}
+
+
+def check_pair(target, drafter, flag: str = "--shared-kv") -> None:
+    """The drafter's layer i reads the target's layer i cache: both need the same layers, KV heads, head size and
+    rotary embedding (a pruned copy of the target has them; a layer slice or another family does not)."""
+    t, d = _attention_shape(target.config), _attention_shape(drafter.config)
+    bad = [f"{k} {d[k]} vs the target's {t[k]}" for k in t if t[k] != d[k]]
+    if bad:
+        raise UserError(f"{flag}: the drafter cannot read the target's KV cache ({'; '.join(bad)}); it must be a "
+                        "pruned copy of the target (all its layers), or pass --shared-kv off")
+
+
+def round_starts(t: int, rounds: int, offset: int, device=None) -> torch.Tensor:
+    """Where the draft round of each of t positions starts: every position its own round (rounds 1), or rounds of
+    `rounds` positions from `offset` (the first, shorter one from 0)."""
+    i = torch.arange(t, device=device)
+    if rounds <= 1:
+        return i
+    return (torch.div(i - offset, rounds, rounding_mode="floor") * rounds + offset).clamp(min=0)
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, scaling: float,
+              dropout: float = 0.0, **kwargs):
+    """Causal attention as the drafter sees it in a draft round starting at s(i): position i reads the target's
+    keys/values (`sd2_target_kv`, per layer) of positions < s(i) and its own of s(i)..i — the token the round
+    starts from and the drafts before i (`sd2_rounds` positions per round from `sd2_offset`; 1 = every position
+    the first draft of its round). query [B, H, T, d], key/value [B, H_kv, T, d] (after rotary); right padding
+    needs no mask (padded keys follow every real query)."""
+    kt, vt = kwargs["sd2_target_kv"][module.layer_idx]
+    b, h, t, hd = query.shape
+    nk = key.shape[1]
+    q = query.view(b, nk, h // nk, t, hd)
+    start = round_starts(t, kwargs.get("sd2_rounds", 1), kwargs.get("sd2_offset", 0), q.device)
+    j = torch.arange(t, device=q.device)[None]
+    before = j < start[:, None]  # [t, t]: the target's keys
+    mine = (j >= start[:, None]) & (j <= j.T)  # the drafter's own: from the round's start to itself
+    past = torch.einsum("bkgtd,bksd->bkgts", q, kt.to(q.dtype)).masked_fill(~before, float("-inf"))
+    own = torch.einsum("bkgtd,bksd->bkgts", q, key).masked_fill(~mine, float("-inf"))
+    w = torch.softmax(torch.cat([past, own], -1) * scaling, -1)
+    out = torch.einsum("bkgts,bksd->bkgtd", w[..., :t], vt.to(q.dtype)) + \
+        torch.einsum("bkgts,bksd->bkgtd", w[..., t:], value)
+    return out.reshape(b, h, t, hd).transpose(1, 2), None
+
+
+def use_for_training(model) -> None:
+    """Switch the drafter's attention to `attention` (it then needs `sd2_target_kv=` on every forward)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPL, attention)
+    model.set_attn_implementation(IMPL)
+
+
+@torch.no_grad()
+def target_kv(target, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits: bool = True
+              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """The target's keys and values (after rotary) of every layer over a training block, and its logits if asked
+    (without them only its body runs: the head is a fifth of its MACs)."""
+    run = target if logits else target.model
+    out = run(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    cache = getattr(out, "past_key_values", None) or out.cache
+    return [(layer.keys, layer.values) for layer in cache.layers], (out.logits if logits else None)
