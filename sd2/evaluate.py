@@ -61,6 +61,9 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     target, drafter = apply_fast_path(fast_path, target, drafter)
     if replay_gammas and draft_threshold is not None:
         raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
+    if shared_kv == "on" and (cross or is_feature_drafter(drafter)):
+        raise UserError("--shared-kv on: a drafter reads the target's KV cache when it is a pruned copy of the target "
+                        "(same tokenizer and layers), not a UAG or feature drafter; use --shared-kv auto or off")
     share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
                        drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,

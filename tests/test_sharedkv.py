@@ -141,6 +141,11 @@ def test_eval_follows_the_drafters_mark(tok300):
     off, _ = evaluate_pair(t, tok300, d, tok300, prompts, gamma=3, max_new_tokens=16, progress=False,
                            fast_path="none", shared_kv="off")
     assert off["shared_kv"] is False
+    from sd2 import eagle
+
+    with pytest.raises(UserError, match="--shared-kv on: .*not a UAG or feature drafter"):
+        evaluate_pair(t, tok300, eagle.build(t), tok300, prompts, gamma=3, max_new_tokens=8, progress=False,
+                      fast_path="none", shared_kv="on")
 
 
 def test_sd2_train_shared_kv_marks_the_drafter(tmp_path, tiny_model_dir, seed_file, sd2_home):
