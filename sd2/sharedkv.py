@@ -41,10 +41,10 @@ def _attention_shape(config) -> dict:
             "model_type": c.model_type}
 
 
-def check_pair(target, drafter, flag: str = "--shared-kv") -> None:
+def check_pair(target_config, drafter_config, flag: str = "--shared-kv") -> None:
     """The drafter's layer i reads the target's layer i cache: both need the same layers, KV heads, head size and
     rotary embedding (a pruned copy of the target has them; a layer slice or another family does not)."""
-    t, d = _attention_shape(target.config), _attention_shape(drafter.config)
+    t, d = _attention_shape(target_config), _attention_shape(drafter_config)
     bad = [f"{k} {d[k]} vs the target's {t[k]}" for k in t if t[k] != d[k]]
     if bad:
         raise UserError(f"{flag}: the drafter cannot read the target's KV cache ({'; '.join(bad)}); it must be a "

@@ -219,8 +219,8 @@ class _SameVocabProposer:
     """Drafter sharing the target's tokenizer: proposes ids directly, with its probabilities when sampling."""
 
     def __init__(self, drafter, eos: set[int], temperature: float, gen: torch.Generator | None, capacity: int = 512,
-                 threshold: float | None = None):
-        self.d = cached(drafter, capacity)
+                 threshold: float | None = None, share=None):
+        self.d = cached(drafter, capacity, share)
         self.eos, self.temperature, self.gen = eos, temperature, gen
         self.threshold = threshold
         self.full = to_full(drafter)  # a compact draft head's logits, placed in the full vocabulary
@@ -230,6 +230,10 @@ class _SameVocabProposer:
             return [], None
         if len(self.d.ids) >= len(ids):
             self.d.rollback(len(ids) - 1)
+        return self._chain(ids, n)
+
+    def _chain(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Up to n drafts after `ids`, the drafter's cache fed from where it holds them."""
         seq = list(ids)
 
         def step(tok: int) -> torch.Tensor:
@@ -250,29 +254,21 @@ class _SharedKVProposer(_SameVocabProposer):
 
     def __init__(self, drafter, target_cache, eos: set[int], temperature: float, gen: torch.Generator | None,
                  threshold: float | None = None):
+        super().__init__(drafter, eos, temperature, gen, threshold=threshold, share=target_cache)
         self.t = target_cache
-        self.d = cached(drafter, share=target_cache)
-        self.eos, self.temperature, self.gen, self.threshold = eos, temperature, gen, threshold
-        self.full = to_full(drafter)
 
     def propose(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor] | None]:
         if n <= 0 or not self.t.ids:
             return [], None
         assert len(self.t.ids) == len(ids) - 1, "the target must hold every committed position but the last"
         self.d.follow()
-        seq = list(ids)
-
-        def step(tok: int) -> torch.Tensor:
-            seq.append(tok)
-            return self.d.forward(seq, keep=1)
-
         try:
-            return _draft_chain(self, self.d.forward(seq, keep=1), step, n)
+            return self._chain(ids, n)
         finally:
             self.d.release()
 
     def accepted(self, ids: list[int]) -> None:
-        pass
+        pass  # the target's cache is the context; nothing of the drafter's own is kept
 
 
 class _FeatureProposer:
@@ -452,7 +448,7 @@ class SpecDecoder:
         if shared_kv:
             from sd2.sharedkv import check_pair
 
-            check_pair(target, drafter)
+            check_pair(target.config, drafter.config)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, seed: int = 0,

@@ -447,17 +447,23 @@ def _shared_kv_inputs(trainer, inputs: dict) -> tuple[dict, torch.Tensor | None]
     return {"sd2_target_kv": kv, "sd2_rounds": rounds, "sd2_offset": int(torch.randint(rounds, ()))}, t_logits
 
 
-def _check_layer_kd(cfg: TrainConfig) -> None:
-    """--layer-kd pairs layer i of the drafter with layer i of the teacher: both must have the same depth and width
-    (checked on the configs, before any model is loaded)."""
+def _pair_configs(cfg: TrainConfig, flag: str) -> tuple:
+    """The teacher's and the drafter's model configs (`--kd-target` or the data's target; `--init`), for checks
+    that pair the drafter's layers with the target's before any model is loaded."""
     from transformers import AutoConfig
 
     from sd2.models import resolve_spec
 
+    return tuple(AutoConfig.from_pretrained(resolve_spec(s, cfg.load.allow_pickle))
+                 for s in (cfg.kd_target or _data_target(cfg.data, flag), cfg.init))
+
+
+def _check_layer_kd(cfg: TrainConfig) -> None:
+    """--layer-kd pairs layer i of the drafter with layer i of the teacher: both must have the same depth and width
+    (checked on the configs, before any model is loaded)."""
     if cfg.feature_drafter:
         raise UserError("--layer-kd: a feature drafter has its own layers, not the target's; use --feature-weight")
-    t, d = (AutoConfig.from_pretrained(resolve_spec(s, cfg.load.allow_pickle)).get_text_config()
-            for s in (cfg.kd_target or _data_target(cfg.data, "--layer-kd"), cfg.init))
+    t, d = (c.get_text_config() for c in _pair_configs(cfg, "--layer-kd"))
     if (t.num_hidden_layers, t.hidden_size) != (d.num_hidden_layers, d.hidden_size):
         raise UserError(f"--layer-kd: the drafter has {d.num_hidden_layers} layers of width {d.hidden_size}, the "
                         f"teacher {t.num_hidden_layers} of {t.hidden_size}; use it on a drafter as deep as the target "
@@ -466,17 +472,9 @@ def _check_layer_kd(cfg: TrainConfig) -> None:
 
 def _check_shared_kv(cfg: TrainConfig) -> None:
     """--shared-kv: the drafter's layer i reads the target's layer i cache (checked on the configs)."""
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    from sd2.models import resolve_spec
-
     if cfg.feature_drafter:
         raise UserError("--shared-kv: a feature drafter reads the target's hidden state, not its KV cache; drop one")
-    t, d = (SimpleNamespace(config=AutoConfig.from_pretrained(resolve_spec(s, cfg.load.allow_pickle)))
-            for s in (cfg.kd_target or _data_target(cfg.data, "--shared-kv"), cfg.init))
-    sharedkv.check_pair(t, d)
+    sharedkv.check_pair(*_pair_configs(cfg, "--shared-kv"))
 
 
 def _set_losses(trainer, cfg: TrainConfig, where, tok, stored: bool, teacher_head) -> None:
