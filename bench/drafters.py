@@ -9,6 +9,7 @@ run, lossless check), greedy MAL at γ by exact replay over `--replay-limit` Spe
     .venv/bin/python bench/drafters.py --curve CURVE_DIR --out curve.json   # every step-N/ snapshot in it
     .venv/bin/python bench/drafters.py DRAFTER_DIR --lookups 0 2 1          # alone and with prompt lookup
     .venv/bin/python bench/drafters.py DRAFTER_DIR --shared-kv off on        # its own KV cache, the target's
+    .venv/bin/python bench/drafters.py DRAFTER_DIR --prompt-vocab off on     # compact head alone, + the prompt's rows
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from sd2.evaluate import run_eval  # noqa: E402
 HELDOUT = Path(__file__).with_name("heldout_prompts.jsonl")
 
 
-def _row(name: str, drafter: str, args, lookup: int = 0, shared_kv: str = "auto") -> dict:
+def _row(name: str, drafter: str, args, lookup: int = 0, shared_kv: str = "auto", prompt_vocab: bool = False
+         ) -> dict:
     t0 = time.perf_counter()
     common = dict(target=args.target, drafter=drafter, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
-                  threads=args.threads, replay_gammas=[args.gamma], lookup=lookup, shared_kv=shared_kv)
+                  threads=args.threads, replay_gammas=[args.gamma], lookup=lookup, shared_kv=shared_kv,
+                  prompt_vocab=prompt_vocab)
     spec, _ = run_eval(EvalConfig(**common, limit=args.limit, replay_limit=args.replay_limit), progress=False)
     held, _ = run_eval(EvalConfig(**common, prompts=args.heldout, limit=1, replay_limit=args.heldout_limit),
                        progress=False)
@@ -38,7 +41,9 @@ def _row(name: str, drafter: str, args, lookup: int = 0, shared_kv: str = "auto"
     train = Path(drafter) / "sd2_train.json"
     info = json.loads(train.read_text()) if train.exists() else {}
     return {"drafter": name, "path": drafter, "lookup": lookup, "lookup_step_share": spec.get("lookup_step_share"),
-            "shared_kv": spec["shared_kv"],
+            "shared_kv": spec["shared_kv"], "prompt_vocab": spec["prompt_vocab"],
+            "prompt_vocab_rows": spec.get("prompt_vocab_rows"),
+            "heldout_prompt_vocab_rows": held.get("prompt_vocab_rows"),
             "mal": rs["mal"], "mal_ci95": rs["mal_ci95"],
             "acceptance_rate": rs["acceptance_rate"], "per_position": rs["per_position_acceptance"],
             "heldout_mal": rh["mal"], "heldout_ci95": rh["mal_ci95"], "cost_ratio": spec["cost_ratio"],
@@ -66,6 +71,8 @@ def main() -> None:
                     help="a row per drafter and value: prompt lookup's shortest n-gram in front of it (0 = off)")
     ap.add_argument("--shared-kv", nargs="+", default=["auto"], choices=["auto", "on", "off"],
                     help="a row per drafter and value: whether it reads the target's KV cache (auto: as trained)")
+    ap.add_argument("--prompt-vocab", nargs="+", default=["off"], choices=["off", "on"],
+                    help="a row per drafter and value: whether a compact head also scores the prompt's tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     todo = [tuple(d.split("=", 1)) if "=" in d else (Path(d).name, d) for d in args.drafters]
@@ -75,9 +82,11 @@ def main() -> None:
     rows = []
     print("| drafter | Spec-Bench MAL [95% CI] | acceptance | held-out MAL | c | measured speedup | lossless |")
     print("|---|---|---|---|---|---|---|")
-    for (name, path), lookup, share in ((t, k, s) for t in todo for k in args.lookups for s in args.shared_kv):
-        name = (f"{name}+lookup{lookup}" if lookup else name) + (f" shared-kv {share}" if share != "auto" else "")
-        r = _row(name, path, args, lookup, share)
+    for (name, path), lookup, share, pv in ((t, k, s, v) for t in todo for k in args.lookups for s in args.shared_kv
+                                            for v in args.prompt_vocab):
+        name = (f"{name}+lookup{lookup}" if lookup else name) + (f" shared-kv {share}" if share != "auto" else "") + (
+            " +prompt-vocab" if pv == "on" else "")
+        r = _row(name, path, args, lookup, share, pv == "on")
         rows.append(r)
         print(f"| {name} | {r['mal']:.3f} [{r['mal_ci95'][0]:.2f}–{r['mal_ci95'][1]:.2f}] | "
               f"{r['acceptance_rate']:.3f} | {r['heldout_mal']:.3f} | {r['cost_ratio']:.3f} | {r['speedup']:.2f}× | "

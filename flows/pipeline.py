@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from sd2 import registry, tracking
 from sd2.config import (  # noqa: F401 - SweepGrid re-exported
     DistillSettings, EvalSettings, PipelineConfig, PruneSettings, SweepConfig, SweepGrid, TrainSettings,
+    resolve_train_dtype,
 )
 from sd2.data import data_dir
 from sd2.report import plot_results
@@ -206,7 +207,8 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
                                        "gamma": settings.gamma, "eval_limit": settings.limit,
                                        "eval.numeric_path": res.get("numeric_path"),
                                        "eval.draft_threshold": settings.draft_threshold,
-                                       "eval.lookup": settings.lookup, "eval.shared_kv": res.get("shared_kv")},
+                                       "eval.lookup": settings.lookup, "eval.shared_kv": res.get("shared_kv"),
+                                       "eval.prompt_vocab": res.get("prompt_vocab")},
                                        res, records, model_dir=d.path, dataset_dir=dataset)
         run_ids.append(rid)
         rows.append({"drafter": d.name, "kind": d.params.get("kind", ""), **{f"prune.{k}": v for k, v in
@@ -317,7 +319,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                   "train.lr": cfg.lr, "distill.mode": cfg.distill_mode}
         common.update({"train.loss": cfg.train_loss, "draft_vocab": cfg.draft_vocab, "train.packing": cfg.packing,
                        "sparse_ft.layer_kd": cfg.layer_kd, "train.shared_kv": cfg.shared_kv,
-                       "train.shared_kv_rounds": cfg.shared_kv_rounds, "train.dtype": cfg.train_dtype or cfg.dtype,
+                       "train.shared_kv_rounds": cfg.shared_kv_rounds,
+                       "train.dtype": resolve_train_dtype(cfg.train_dtype, cfg.dtype, cfg.device),
                        "train.freeze_embeddings": cfg.freeze_embeddings, "distill.store_topk": cfg.distill_store_topk,
                        "distill.max_prompt_tokens": cfg.distill_max_prompt_tokens, "seed_prompts": seeds,
                        "distill.magpie_openers": cfg.magpie_openers,
@@ -347,7 +350,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
                                 eval_gammas=cfg.eval_gammas, eval_gamma_mode="engine" if uag else cfg.eval_gamma_mode,
                                 replay_limit=cfg.replay_limit, sampling_temperature=cfg.sampling_temperature,
                                 sampling_drafters=cfg.sampling_drafters, fast_path=cfg.fast_path,
-                                draft_threshold=cfg.draft_threshold, lookup=cfg.lookup, **where)
+                                draft_threshold=cfg.draft_threshold, lookup=cfg.lookup, prompt_vocab=cfg.prompt_vocab,
+                                **where)
         rows = evaluate_drafters(drafters, settings, parent_run_id=parent, dataset=data,
                                  register_champion=cfg.register_champion)
         _report_failed_cells(cells)  # every other drafter is evaluated and logged; then the run is not green

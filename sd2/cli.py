@@ -80,6 +80,8 @@ def eval_cmd(
                                "n >= LOOKUP tokens where they occurred before (1-4; 0 = off)"),
     shared_kv: str = typer.Option("auto", help="the drafter reads the target's KV cache: auto (when it was trained "
                                   "so) | on | off"),
+    prompt_vocab: bool = typer.Option(False, help="a compact draft head also scores the prompt's own tokens (rows of "
+                                      "the target's head, counted in c; lossless)"),
     device: DeviceOption = "auto",
     dtype: DTypeOption = "auto",
 ):
@@ -94,6 +96,7 @@ def eval_cmd(
                            threads=threads, uag=uag, context=context, fast_path=fast_path,
                            replay_gammas=replay_gammas, replay_limit=replay_limit, device=device, dtype=dtype,
                            draft_threshold=draft_threshold, lookup=lookup, shared_kv=shared_kv,
+                           prompt_vocab=prompt_vocab,
                            load=ModelLoadOptions(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a .json file path")

@@ -28,6 +28,8 @@ PATTERN_HINTS.update({_DEVICE_RE: "auto, cpu, cuda or cuda:N", _PATTERN_RE: "uns
 Device = Annotated[str, Field(pattern=_DEVICE_RE,
                               description="auto (first GPU when one exists, else CPU) | cpu | cuda | cuda:N")]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
+# training precision of a pipeline or sweep form: also `fast` (bf16 where this machine runs it natively, else fp32)
+TrainDType = Literal["auto", "bfloat16", "float16", "float32", "fast"]
 
 
 def _check_pattern(p: str) -> str:
@@ -100,6 +102,13 @@ class DevicePlacement(_Base):
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
 
 
+def resolve_train_dtype(requested: str | None, dtype: str, device: str) -> str:
+    """A form's training precision as the trainer takes it (`fast` resolved on this machine)."""
+    from sd2.device import train_dtype
+
+    return train_dtype(requested, dtype, device)
+
+
 class DecodeConfig(_Base):
     """Decoding parameters of one speculative-decoding evaluation."""
 
@@ -133,6 +142,9 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     shared_kv: Literal["auto", "on", "off"] = Field(
         "auto", description="the drafter reads the target's KV cache (sd2.sharedkv; a pruned copy of the target): "
         "auto = when it was trained so (its config says), on/off to compare")
+    prompt_vocab: bool = Field(
+        False, description="a compact draft head also scores each prompt's own tokens (rows of the target's head for "
+        "the prompt's tokens outside the draft vocabulary; their MACs count in c): lossless; no effect on a full head")
     load: ModelLoadOptions = ModelLoadOptions()
 
     @field_validator("categories", mode="before")
@@ -407,15 +419,18 @@ class PipelineConfig(_Base):
     threads: int | None = Field(None, ge=1, description="torch threads of every stage (default: the profile's)")
     device: Device = "auto"
     dtype: DType = Field("auto", description="auto: bfloat16 on a GPU, float32 on the CPU")
-    train_dtype: DType | None = Field(None, description="precision of training and sparse fine-tuning alone "
-                                      "(default: dtype); bfloat16 on a CPU with AVX-512 BF16 is mixed precision "
-                                      "≈ 1.7× faster per step")
+    train_dtype: TrainDType | None = Field(
+        None, description="precision of training and sparse fine-tuning alone (default: dtype); fast = bfloat16 mixed "
+        "precision where this machine runs bf16 natively (a GPU; a CPU with AVX-512 BF16 or AMX: ≈ 1.7× faster steps "
+        "than float32), else float32 (an AVX2-only CPU emulates bf16 ≈ 8× slower than fp32)")
     fast_path: FastPath = Field("auto", description="numeric path of evaluation: auto = the lean engine with "
                                 "fp16 weights (sd2's C kernel) on the CPU, the HF modules on a GPU; none = HF modules")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length in evaluation: stop "
                                           "drafting below this top-1 drafter probability (γ is the maximum)")
     lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in evaluation: copy what followed the "
                         "context's last n ≥ this many tokens where they occurred before, else ask the drafter; 0 = off")
+    prompt_vocab: bool = Field(False, description="in evaluation, a compact draft head (draft_vocab) also scores each "
+                               "prompt's own tokens: rows of the target's head, counted in c; lossless")
     lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of training and sparse fine-tuning "
                              "(default: the profile's)")
     register_champion: bool = True
@@ -528,7 +543,7 @@ class PipelineConfig(_Base):
         steps = steps or self.train_steps
         return TrainSettings(max_steps=steps, batch_size=self.train_batch_size, seq_len=self.seq_len, lr=self.lr,
                              threads=self.threads, save_steps=steps, device=self.device,
-                             dtype=self.train_dtype or self.dtype,
+                             dtype=resolve_train_dtype(self.train_dtype, self.dtype, self.device),
                              loss=loss or self.train_loss, draft_vocab=self.draft_vocab,
                              shared_kv=self.shared_kv if shared_kv is None else shared_kv,
                              shared_kv_rounds=self.shared_kv_rounds,
@@ -561,6 +576,7 @@ class EvalSettings(_Base):
     fast_path: FastPath = Field("auto", description="numeric path of evaluation (see `sd2 eval --fast-path`)")
     draft_threshold: float | None = Field(None, gt=0, lt=1, description="dynamic draft length (see `sd2 eval`)")
     lookup: int = Field(0, ge=0, le=LOOKUP_MAX, description="prompt lookup in front of the drafter (see `sd2 eval`)")
+    prompt_vocab: bool = Field(False, description="compact draft heads score each prompt's tokens (see `sd2 eval`)")
     eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
@@ -573,6 +589,7 @@ class EvalSettings(_Base):
         return EvalOptions(gamma=gamma or self.gamma, max_new_tokens=self.max_new_tokens, temperature=temperature,
                            limit=self.limit, threads=self.threads, uag=self.uag, fast_path=self.fast_path,
                            draft_threshold=self.draft_threshold, lookup=self.lookup, device=self.device,
+                           prompt_vocab=self.prompt_vocab,
                            dtype=self.dtype, **more)
 
 
@@ -604,7 +621,8 @@ class SweepConfig(_Base):
     threads: int = Field(1, ge=1)
     device: Device = "auto"
     dtype: DType = "auto"
-    train_dtype: DType | None = Field(None, description="precision of sparse fine-tuning (default: dtype)")
+    train_dtype: TrainDType | None = Field(None, description="precision of sparse fine-tuning (default: dtype; fast: "
+                                           "bfloat16 where this machine runs it natively, else float32)")
     cell_deployment: str | None = None
     eval: EvalSettings | None = Field(None, description="evaluate the cells (and log to MLflow) when given")
 
@@ -622,4 +640,4 @@ class SweepConfig(_Base):
                              packing=self.packing, draft_vocab=self.draft_vocab, layer_kd=self.layer_kd,
                              shared_kv=self.shared_kv, shared_kv_rounds=self.shared_kv_rounds,
                              save_steps=max(self.sparse_ft_steps, 1), device=self.device,
-                             dtype=self.train_dtype or self.dtype)
+                             dtype=resolve_train_dtype(self.train_dtype, self.dtype, self.device))

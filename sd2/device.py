@@ -145,6 +145,29 @@ def resolve(device: str = "auto", dtype: str = "auto", model_dir=None, workers: 
     return plan(device, dtype, gpus, size, workers)
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 math is fast here: a GPU, or a CPU with AVX-512 BF16 or AMX. Elsewhere torch emulates bf16
+    GEMMs on the CPU: a 2048 × 576 × 1536 GEMM takes 617 ms in bf16 against 77 ms in fp32 on an AVX2-only EPYC
+    core, while on a Zen 4 core with AVX-512 BF16 bf16 is 2.1× faster than fp32."""
+    if str(device).startswith("cuda"):
+        return True
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def train_dtype(requested: str | None, dtype: str, device: str = "auto") -> str:
+    """The training precision a form asks for: `fast` = 16-bit mixed precision where this machine runs it natively
+    (on a GPU: `auto`, bf16 or fp16 as the GPU allows; on a CPU: bf16 with AVX-512 BF16 or AMX), else float32;
+    None = the stages' `dtype`."""
+    if requested is None:
+        return dtype
+    if requested != "fast":
+        return requested
+    if device.startswith("cuda") or (device == "auto" and visible_gpus()):
+        return "auto"
+    return "bfloat16" if native_bf16("cpu") else "float32"
+
+
 def synchronize(device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it (no-op on the CPU)."""
     dev = torch.device(device)

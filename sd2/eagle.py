@@ -184,12 +184,9 @@ def _cache_file(cache_dir: Path | None, target_digest: str | None, examples: lis
 def fast_feature_dtype(device: str = "cpu") -> torch.dtype:
     """bf16 where it is fast (GPUs, CPUs with AVX-512 BF16: the target's feature pass runs 1.85× faster than fp32 on
     this Zen 4 core, bench in docs/drafter-recipe.md), else fp32."""
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    try:
-        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
-    except AttributeError:
-        return torch.float32
+    from sd2.device import native_bf16
+
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import hashlib
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from sd2 import metrics
 from sd2.config import EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
-from sd2.draftvocab import draft_ids
+from sd2.draftvocab import draft_ids, head_source, missing_ids, prompt_rows
 from sd2.eagle import feature_layers, is_feature_drafter
 from sd2.sharedkv import shares_kv
 from sd2.errors import UserError
@@ -37,15 +38,16 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
                   fast_path: str = "auto", replay_gammas: list[int] | None = None,
                   replay_prompts: list[Prompt] | None = None, replay_cache: Path | None = None,
-                  draft_threshold: float | None = None, lookup: int = 0, shared_kv: str = "auto"
-                  ) -> tuple[dict, pd.DataFrame]:
+                  draft_threshold: float | None = None, lookup: int = 0, shared_kv: str = "auto",
+                  prompt_vocab: bool = False) -> tuple[dict, pd.DataFrame]:
     """Decode every prompt target-only and speculatively (alternating which goes first); return (summary, records).
 
     `fast_path` prepares both models for a numeric path in place (resolve_fast_path); MACs are counted before.
     `replay_gammas` adds greedy MAL at other γ by exact replay (see `replay_greedy`) over `replay_prompts`
     (default: the same prompts), checked against the engine at `gamma` on the prompts both ran. `lookup` puts
     prompt lookup in front of the drafter (SpecDecoder); `shared_kv` (auto | on | off) lets the drafter read the
-    target's KV cache (sd2.sharedkv; auto: when the drafter was trained so).
+    target's KV cache (sd2.sharedkv; auto: when the drafter was trained so); `prompt_vocab` widens a compact draft
+    head by each prompt's own tokens (sd2.draftvocab.prompt_rows; their MACs are counted in c).
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
@@ -65,12 +67,18 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         raise UserError("--shared-kv on: a drafter reads the target's KV cache when it is a pruned copy of the target "
                         "(same tokenizer and layers), not a UAG or feature drafter; use --shared-kv auto or off")
     share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
+    prompt_vocab = prompt_vocab and not cross and draft_ids(drafter) is not None
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
                        drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,
-                       lookup=lookup, shared_kv=share)
+                       lookup=lookup, shared_kv=share, prompt_vocab=prompt_vocab)
     base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
+    rows = 0.0
+    if prompt_vocab:  # the rows a prompt adds to the head are MACs of every drafted token: counted in c
+        every = [e[0] for e in encoded] + [encode_prompt(target_tok, p.text) for p in replay_prompts or []]
+        rows = statistics.mean(len(missing_ids(drafter, ids)) for ids in every)
+        dmacs += rows * head_source(target).shape[1]
     df, base_res, spec_res = _decode_all(base, spec, prompts, encoded, max_new_tokens, gamma, seed, temperature,
                                          cross, target_tok, drafter_tok, progress)
     per_tok = (df["drafter_tokens"].sum() / max(df["spec_tokens"].sum(), 1)) if cross else 1.0
@@ -90,8 +98,10 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                                                                 costs["verify_cost_ratio"]),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
         "per_category": {},
-        "numeric_path": numeric_path(target, fast_path), "shared_kv": share,
+        "numeric_path": numeric_path(target, fast_path), "shared_kv": share, "prompt_vocab": prompt_vocab,
     }
+    if prompt_vocab:
+        out["prompt_vocab_rows"] = rows
     if draft_threshold is not None:  # dynamic draft length: how many drafts a step made on average
         out["draft_threshold"] = draft_threshold
         out["mean_drafted"] = float(df["drafted"].sum() / max(df["target_passes"].sum(), 1))
@@ -109,7 +119,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
                                     max_new_tokens, c, known=known, engine={p.id: s for p, s in zip(prompts, spec_res)},
                                     engine_gamma=gamma, seed=seed, progress=progress,
                                     cache_dir=_replay_cache_dir(replay_cache, fast_path), lookup=lookup,
-                                    shared_kv=share)
+                                    shared_kv=share, prompt_vocab=prompt_vocab)
     return out, df
 
 
@@ -164,26 +174,34 @@ def replay_greedy(matches: list[bool], tokens: list[int], gamma: int, max_new_to
 
 
 def _replayer(target, drafter, prompt: list[int], tokens: list[int], max_new_tokens: int, eos: set[int],
-              lookup: int = 0, shared_kv: bool = False, target_tok=None):
+              lookup: int = 0, shared_kv: bool = False, target_tok=None, prompt_vocab: bool = False):
     """γ ↦ the replayed DecodeResult of one prompt: from teacher-forced matches (token drafters), by running a
     feature drafter on the target's teacher-forced features, or (a drafter over the target's KV cache, whose
     drafts depend on where each step starts) by the engine itself, checked against the target's output."""
+    def rows():  # the drafter's head widened by this prompt's tokens (prompt_vocab)
+        return prompt_rows(drafter, head_source(target), prompt) if prompt_vocab else nullcontext(0)
+
     if shared_kv:
         def run(g: int) -> DecodeResult:
             res = SpecDecoder(target, drafter, gamma=g, target_tokenizer=target_tok, lookup=lookup,
-                              shared_kv=True).generate(prompt, max_new_tokens)
+                              shared_kv=True, prompt_vocab=prompt_vocab).generate(prompt, max_new_tokens)
             if res.tokens != tokens:
                 raise RuntimeError(f"shared-KV decoding at γ={g} gave other tokens than the target alone")
             return res
         return run
     if not is_feature_drafter(drafter):
-        matches = drafter_matches(drafter, prompt, tokens)
+        with rows():
+            matches = drafter_matches(drafter, prompt, tokens)
         return lambda g: replay_greedy(matches, tokens, g, max_new_tokens, eos, prompt, lookup)
     from sd2.specdec import cached
 
     feats = cached(target, len(prompt) + len(tokens)).forward(
         prompt + tokens[:-1], keep=1, hidden=feature_layers(drafter.config))[1] if tokens else None
-    return lambda g: replay_features(drafter, feats, prompt, tokens, g, max_new_tokens, eos, lookup)
+
+    def features(g: int) -> DecodeResult:
+        with rows():
+            return replay_features(drafter, feats, prompt, tokens, g, max_new_tokens, eos, lookup)
+    return features
 
 
 def replay_features(drafter, feats: torch.Tensor, prompt: list[int], tokens: list[int], gamma: int,
@@ -234,7 +252,7 @@ def greedy_output(base: SpecDecoder, ids: list[int], max_new_tokens: int, cache_
 def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list[int], max_new_tokens: int,
                 cost_ratio: float, *, known: dict | None = None, engine: dict | None = None, engine_gamma: int = 4,
                 seed: int = 0, progress: bool = True, cache_dir: Path | None = None, lookup: int = 0,
-                shared_kv: bool = False) -> dict:
+                shared_kv: bool = False, prompt_vocab: bool = False) -> dict:
     """Greedy MAL, acceptance and theoretical speedup at each γ from one target decode and one drafter pass per
     prompt; `known` target outputs are reused (and others kept in `cache_dir`), and prompts also run by the
     engine (`engine`) cross-check the replay against it."""
@@ -246,7 +264,7 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
         ids = encode_prompt(target_tok, p.text)
         tokens = known[p.id] if p.id in known else greedy_output(base, ids, max_new_tokens, cache_dir)
         per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos, lookup,
-                                                shared_kv, target_tok)))
+                                                shared_kv, target_tok, prompt_vocab)))
     out = {"method": ("greedy, the engine run at each γ (a drafter over the target's KV cache)" if shared_kv else
                       "greedy replay: the target's greedy output and features (one teacher-forced target pass), the "
                       "drafter run step by step" if is_feature_drafter(drafter) else
@@ -432,7 +450,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> tuple[dict, pd.DataFrame
                              uag=cfg.uag, context=cfg.context, progress=progress,
                              names=(cfg.target, cfg.drafter), fast_path=cfg.fast_path,
                              replay_gammas=cfg.replay_gammas, draft_threshold=cfg.draft_threshold, lookup=cfg.lookup,
-                             shared_kv=cfg.shared_kv,
+                             shared_kv=cfg.shared_kv, prompt_vocab=cfg.prompt_vocab,
                              replay_prompts=(load_prompts(cfg.prompts, cfg.categories, cfg.replay_limit)
                                              if cfg.replay_gammas and cfg.replay_limit else None),
                              replay_cache=(sd2_home() / "cache" / "target-greedy" / model_digest(cfg.target)[:20]

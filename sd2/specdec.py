@@ -11,6 +11,7 @@ treated as a point-mass proposal, which keeps sampling exact (accept d with prob
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from transformers import DynamicCache
 
 from sd2.config import LOOKUP_MAX
 from sd2.device import synchronize
-from sd2.draftvocab import to_full, wide_head
+from sd2.draftvocab import head_source, prompt_rows, to_full, wide_head
 from sd2.eagle import feature_layers, is_feature_drafter, target_features
 from sd2.errors import UserError
 
@@ -40,6 +41,7 @@ class DecodeResult:
     first_step_seconds: float = 0.0  # the first step: prefill of the prompt (+ its drafts), first token(s)
     first_step_tokens: int = 0
     looked_up: int = 0  # steps whose drafts came from prompt lookup
+    prompt_rows: int = 0  # rows the drafter's compact head had for this prompt's own tokens (prompt_vocab)
 
     @property
     def mal(self) -> float:
@@ -423,7 +425,8 @@ class SpecDecoder:
 
     def __init__(self, target, drafter=None, *, gamma: int = 4, temperature: float = 0.0,
                  target_tokenizer=None, drafter_tokenizer=None, cross_tokenizer: bool = False,
-                 draft_threshold: float | None = None, lookup: int = 0, shared_kv: bool = False):
+                 draft_threshold: float | None = None, lookup: int = 0, shared_kv: bool = False,
+                 prompt_vocab: bool = False):
         if gamma < 1:
             raise ValueError("gamma must be >= 1")
         if lookup < 0:
@@ -449,6 +452,9 @@ class SpecDecoder:
             from sd2.sharedkv import check_pair
 
             check_pair(target.config, drafter.config)
+        # a compact draft head also scores the prompt's own tokens (sd2.draftvocab.prompt_rows)
+        self.prompt_vocab = prompt_vocab and drafter is not None and not cross_tokenizer
+        self._head_source = None
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, seed: int = 0,
@@ -457,13 +463,28 @@ class SpecDecoder:
         synchronize(self.target.device)
         t0 = time.perf_counter()
         capacity = len(prompt) + max_new_tokens + self.gamma + 2
-        target = cached(self.target, capacity)
+        with self._prompt_rows(prompt) as n_rows:
+            target = cached(self.target, capacity)
+            res = self._decode(target, self._proposer(target, gen, capacity, drafter_prompt, len(prompt)), prompt,
+                               max_new_tokens, gen, t0)
+        res.prompt_rows = n_rows
+        return res
+
+    def _prompt_rows(self, prompt: list[int]):
+        """The drafter's compact head widened by the prompt's tokens for this prompt (`prompt_vocab`)."""
+        if not self.prompt_vocab:
+            return nullcontext(0)
+        if self._head_source is None:
+            self._head_source = head_source(self.target)
+        return prompt_rows(self.drafter, self._head_source, prompt)
+
+    def _proposer(self, target, gen, capacity: int, drafter_prompt: list[int] | None, prompt_len: int):
         proposer = None
         if self.drafter is not None:
             if self.cross:
                 teos = self.ttok.eos_token_id if self.ttok.eos_token_id is not None else next(iter(self.eos), None)
                 dprompt = drafter_prompt if drafter_prompt is not None else []
-                proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok, dprompt, len(prompt), teos,
+                proposer = _CrossVocabProposer(self.drafter, self.ttok, self.dtok, dprompt, prompt_len, teos,
                                                self.temperature, gen, capacity=2 * capacity + len(dprompt),
                                                threshold=self.draft_threshold)
             elif self.shared_kv:
@@ -475,6 +496,10 @@ class SpecDecoder:
                                 threshold=self.draft_threshold)
         if self.lookup:
             proposer = _LookupProposer(proposer, self.lookup, self.eos)
+        return proposer
+
+    def _decode(self, target, proposer, prompt: list[int], max_new_tokens: int, gen, t0: float) -> DecodeResult:
+        """Draft, verify, keep what the target agrees with, until max_new_tokens or an end token."""
         features = getattr(proposer, "reads", None)  # a feature drafter: the target also returns its features
         ids = list(prompt)
         res = DecodeResult(tokens=[])

@@ -141,7 +141,8 @@ def eval_metrics(res: dict) -> dict[str, float]:
     """MLflow metric names of one eval result (the eval JSON keys, flattened)."""
     m = {k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup",
                              "speedup", "target_tokens_per_s", "spec_tokens_per_s", "verify_cost_ratio",
-                             "drafter_time_ratio", "predicted_speedup", "mean_drafted", "lookup_step_share")
+                             "drafter_time_ratio", "predicted_speedup", "mean_drafted", "lookup_step_share",
+                             "prompt_vocab_rows")
          if res.get(k) is not None}
     m["mal_ci95_lo"], m["mal_ci95_hi"] = res["mal_ci95"]
     m["lossless"] = float(bool(res["lossless"])) if res.get("lossless") is not None else None

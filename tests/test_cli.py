@@ -16,7 +16,7 @@ EVAL_KEYS = {"target", "drafter", "gamma", "temperature", "max_new_tokens", "n_p
              "acceptance_rate", "per_position_acceptance", "target_tokens_per_s", "spec_tokens_per_s", "speedup",
              "target_macs_per_token", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup", "lossless",
              "per_category", "numeric_path", "verify_cost_ratio", "drafter_time_ratio", "predicted_speedup",
-             "target_forward_ms", "shared_kv"}
+             "target_forward_ms", "shared_kv", "prompt_vocab"}
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,20 @@ def test_bf16_weights_load_as_requested(tiny_model_dir):
 
     m, _ = load_model(str(tiny_model_dir), placement=Placement("cpu", "bfloat16"))
     assert next(m.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native, expect", [(True, "bfloat16"), (False, "float32")])
+def test_fast_train_dtype_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native, expect):
+    """`train_dtype: fast` (the sparse recipe's): bf16 mixed precision on an AVX-512 BF16 / AMX CPU, fp32 on one
+    that would emulate bf16 (≈ 8× slower than fp32 on an AVX2-only core)."""
+    from sd2 import device
+    from sd2.config import PipelineConfig, SweepConfig, SweepGrid
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(device, "visible_gpus", lambda: [])
+    assert PipelineConfig(train_dtype="fast").resolved().train_settings(10).dtype == expect
+    grid = SweepGrid(methods=["magnitude"], patterns=["unstructured"], sparsities=[0.5])
+    assert SweepConfig(drafter="d", data="x", sweep=grid, train_dtype="fast").train_settings().dtype == expect
+    assert device.train_dtype(None, "float32") == "float32" and device.train_dtype("bfloat16", "auto") == "bfloat16"
+    assert device.train_dtype("fast", "float32", "cuda:0") == "auto"  # bf16, or fp16 on a GPU without bf16 (plan)

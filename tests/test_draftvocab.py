@@ -227,3 +227,69 @@ def test_replay_with_a_compact_head_equals_the_engine(lean):
         eng = SpecDecoder(t, d, gamma=gamma).generate(PROMPT, 40)
         rep = replay_greedy(matches, tokens, gamma, 40, eos_ids(t))
         assert [(s.drafted, s.accepted) for s in rep.steps] == [(s.drafted, s.accepted) for s in eng.steps]
+
+
+def _prompt_missing_pair(seed: int = 2):
+    """A target, a prompt whose greedy answer repeats some of the prompt's tokens, and a near-copy drafter whose
+    compact head lacks exactly those tokens (so only the prompt's rows can propose them)."""
+    t = make_llama(96, layers=2, seed=seed, eos=None)
+    prompt = PROMPT + SpecDecoder(t).generate(PROMPT, 12).tokens
+    out = SpecDecoder(t).generate(prompt, 40).tokens
+    copied = set(prompt) & set(out)
+    assert copied, "the answer must repeat a prompt token for the test to mean something"
+    ids = [i for i in range(96) if i not in copied]
+    d = draftvocab.compact_head(perturbed(t, 0.05, seed=seed), ids)
+    return t, d, prompt, out, ids, copied
+
+
+@pytest.mark.parametrize("path", ["none", "lean", "lean-fp16"])
+def test_prompt_vocab_is_lossless_and_proposes_the_prompts_tokens(path, fresh_kernel):
+    from sd2 import lean
+
+    t, d, prompt, out, ids, copied = _prompt_missing_pair()
+    if path != "none":
+        lean.attach(t, path == "lean-fp16")
+        lean.attach(d, path == "lean-fp16")
+        out = SpecDecoder(t).generate(prompt, 40).tokens  # target-only on this path
+    head = d.get_output_embeddings()
+    for gamma in (1, 3, 5):
+        plain = SpecDecoder(t, d, gamma=gamma).generate(prompt, 40)
+        wide = SpecDecoder(t, d, gamma=gamma, prompt_vocab=True).generate(prompt, 40)
+        assert plain.tokens == wide.tokens == out
+        assert wide.prompt_rows == len(copied | (set(prompt) - set(ids))) > 0 and plain.prompt_rows == 0
+        assert sum(s.accepted for s in wide.steps) > sum(s.accepted for s in plain.steps)
+        assert [s.drafted for s in wide.steps] == [min(gamma, 40 - 1 - sum(s.accepted + 1 for s in wide.steps[:i]))
+                                                   for i in range(len(wide.steps))]
+    # the compact head and its map are back after each prompt
+    assert d.get_output_embeddings() is head and draftvocab.draft_ids(d).tolist() == ids
+
+
+def test_prompt_vocab_keeps_the_sampling_distribution():
+    t = make_llama(6, seed=5, eos=None, hidden=16, std=0.6)
+    d = draftvocab.compact_head(make_llama(6, seed=6, eos=None, hidden=16, std=0.6), [0, 3, 5])
+    assert sampled_tv(t, d, prompt_vocab=True) < 0.06  # the prompt [1, 2, 3] adds rows 1 and 2
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prompt_vocab_in_evaluation_replays_like_the_engine_and_counts_its_macs(shared, tok300):
+    """The replay (teacher-forced, or the engine for a shared-KV drafter) widens the head as the engine does, and
+    c counts the mean extra rows of the prompts."""
+    from sd2.data import Prompt, encode_prompt
+    from sd2.evaluate import evaluate_pair
+    from sd2.sharedkv import mark
+
+    t = make_llama(300, layers=2, seed=2, eos=None)
+    prompts = [Prompt(id=str(i), category="c", text=txt) for i, txt in enumerate(["hello there", "tell me more"])]
+    enc = [encode_prompt(tok300, p.text) for p in prompts]
+    missing = set().union(*map(set, enc))
+    d = draftvocab.compact_head(perturbed(t, 0.05, seed=3), [i for i in range(300) if i not in missing])
+    if shared:
+        mark(d)
+    kw = dict(gamma=3, max_new_tokens=16, progress=False, fast_path="none", replay_gammas=[2, 3])
+    plain, _ = evaluate_pair(t, tok300, d, tok300, prompts, **kw)
+    wide, _ = evaluate_pair(t, tok300, d, tok300, prompts, prompt_vocab=True, **kw)
+    assert wide["prompt_vocab"] and not plain["prompt_vocab"] and wide["lossless"]
+    assert wide["prompt_vocab_rows"] == sum(len(set(e)) for e in enc) / 2
+    assert wide["drafter_macs_per_token"] - plain["drafter_macs_per_token"] == wide["prompt_vocab_rows"] * 32
+    chk = wide["replay"]["engine_check"]
+    assert chk["prompts_equal"] == chk["n_prompts"] == 2

@@ -67,7 +67,7 @@ def test_lean_fp16_logits_do_not_depend_on_the_tokens_computed_with_them():
 
 
 def test_lean_fp16_gives_the_same_bits_on_any_x86_64_build(tmp_path):
-    """The kernel built for this CPU (AVX-512 here) and for baseline x86-64 (no FMA unit, no vectors wider than
+    """The kernel built for this CPU (AVX-512, or AVX2 + F16C) and for baseline x86-64 (no FMA unit, no vectors wider than
     SSE2) compute every value the same way: the replay cache of target outputs is keyed by kernel version only."""
     import platform
 

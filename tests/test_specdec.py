@@ -67,10 +67,10 @@ def _tv(emp: dict, exact: dict, n: int) -> float:
     return 0.5 * sum(abs(emp.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
 
 
-def sampled_tv(target, drafter, n: int = 3000, temperature: float = 1.0) -> float:
+def sampled_tv(target, drafter, n: int = 3000, temperature: float = 1.0, **spec) -> float:
     """TV distance between n two-token speculative samples and the target's exact two-token distribution."""
     exact = _exact_two_token_dist(target, [1, 2, 3], temperature)
-    spec = SpecDecoder(target, drafter, gamma=3, temperature=temperature)
+    spec = SpecDecoder(target, drafter, gamma=3, temperature=temperature, **spec)
     emp: dict = {}
     for s in range(n):
         toks = tuple(spec.generate([1, 2, 3], 2, seed=s).tokens)
