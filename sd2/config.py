@@ -375,10 +375,12 @@ PROFILES: dict[str, dict] = {
 
 
 def _cpu_only() -> bool:
-    """No GPU visible: the pipeline's distillation then runs the CPU's fast numeric path (fp16-weight GEMMs)."""
+    """No GPU visible, and sd2's kernel runs vectorised here: the pipeline's distillation then runs the CPU's fast
+    numeric path (fp16-weight GEMMs)."""
     from sd2.device import visible_gpus
+    from sd2.fastpath import vectorized
 
-    return not visible_gpus()
+    return not visible_gpus() and vectorized()
 
 
 class PipelineConfig(_Base):

@@ -33,6 +33,23 @@ def _cost_ratio(target_macs: float, drafter_macs: float, drafter_per_target_toke
     return drafter_macs * drafter_per_target_token / target_macs
 
 
+def _check_request(prompts: list[Prompt], cross: bool, uag: bool, replay_gammas, temperature: float,
+                   draft_threshold: float | None, shared_kv: str, drafter) -> None:
+    """Refuse an evaluation that cannot run as asked, before either model is touched."""
+    if not prompts:
+        raise UserError("no prompts to evaluate")
+    if cross and not uag:
+        raise UserError("--drafter: its tokenizer differs from the target's; pass --uag for cross-tokenizer drafting")
+    if replay_gammas and (cross or temperature > 0):
+        raise UserError("--replay-gammas: replay is exact only for greedy decoding with a same-tokenizer drafter; "
+                        "drop it (or evaluate each γ with the engine)")
+    if replay_gammas and draft_threshold is not None:
+        raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
+    if shared_kv == "on" and (cross or is_feature_drafter(drafter)):
+        raise UserError("--shared-kv on: a drafter reads the target's KV cache when it is a pruned copy of the target "
+                        "(same tokenizer and layers), not a UAG or feature drafter; use --shared-kv auto or off")
+
+
 def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt], *, gamma: int = 4,
                   max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0, uag: bool = False,
                   context: int = 256, progress: bool = True, names: tuple[str, str] = ("target", "drafter"),
@@ -49,23 +66,12 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     target's KV cache (sd2.sharedkv; auto: when the drafter was trained so); `prompt_vocab` widens a compact draft
     head by each prompt's own tokens (sd2.draftvocab.prompt_rows; their MACs are counted in c).
     """
-    if not prompts:
-        raise UserError("no prompts to evaluate")
     cross = not same_tokenizer(target_tok, drafter_tok)
-    if cross and not uag:
-        raise UserError("--drafter: its tokenizer differs from the target's; pass --uag for cross-tokenizer drafting")
-    if replay_gammas and (cross or temperature > 0):
-        raise UserError("--replay-gammas: replay is exact only for greedy decoding with a same-tokenizer drafter; "
-                        "drop it (or evaluate each γ with the engine)")
+    _check_request(prompts, cross, uag, replay_gammas, temperature, draft_threshold, shared_kv, drafter)
     tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
     dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
     fast_path = resolve_fast_path(fast_path, target, drafter)
     target, drafter = apply_fast_path(fast_path, target, drafter)
-    if replay_gammas and draft_threshold is not None:
-        raise UserError("--replay-gammas: replay models fixed-length drafting; drop --draft-threshold or the replay")
-    if shared_kv == "on" and (cross or is_feature_drafter(drafter)):
-        raise UserError("--shared-kv on: a drafter reads the target's KV cache when it is a pruned copy of the target "
-                        "(same tokenizer and layers), not a UAG or feature drafter; use --shared-kv auto or off")
     share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
     prompt_vocab = prompt_vocab and not cross and draft_ids(drafter) is not None
     spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
@@ -316,8 +322,8 @@ def resolve_fast_path(fast_path: str, target, drafter) -> str:
         both_lean = lean.supports(target) and lean.supports(drafter)
         if next(target.parameters()).dtype != torch.float32:  # a dtype the user asked for: keep its numbers
             return "lean" if both_lean else "none"
-        return ("lean-fp16" if fastpath.available() else "lean") if both_lean else (
-            "fp16" if fastpath.available() else "none")
+        return ("lean-fp16" if fastpath.vectorized() else "lean") if both_lean else (
+            "fp16" if fastpath.vectorized() else "none")
     fastpath.require_cpu(fast_path, next(target.parameters()).device)
     if fast_path.startswith("lean"):
         for role, m in (("target", target), ("drafter", drafter)):

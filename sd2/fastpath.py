@@ -94,6 +94,7 @@ def load(lib: Path) -> ctypes.CDLL:
     for fn in (dll.sd2_f16_gemm_mt, dll.sd2_layer_forward, dll.sd2_rms):
         fn.restype = None
     dll.sd2_layer_scratch.restype = c_int64
+    dll.sd2_simd.argtypes, dll.sd2_simd.restype = [], ctypes.c_int
     return dll
 
 
@@ -113,7 +114,7 @@ def kernel() -> ctypes.CDLL:
             raise UserError("--fast-path fp16/lean-fp16: building sd2's fp16 kernel needs a C compiler "
                             f"({'CC=' + os.environ['CC'] + ' not found' if os.environ.get('CC') else 'cc or gcc'}); "
                             "install one, or use --fast-path lean (fp32) or none")
-        build(cc, lib)
+        build(cc, lib, CFLAGS)
     return load(lib)
 
 
@@ -175,6 +176,12 @@ def available() -> bool:
         return True
     except (UserError, OSError):
         return False
+
+
+def vectorized() -> bool:
+    """Whether the kernel builds here with vector fp16 conversion (AVX-512, or AVX2 + F16C): only then are the fp16
+    paths faster than fp32 (the portable build converts each weight in software, 22-63× slower on an AVX2 core)."""
+    return available() and bool(kernel().sd2_simd())
 
 
 def pack_fp16(model: nn.Module) -> nn.Module:

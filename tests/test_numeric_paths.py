@@ -67,8 +67,9 @@ def test_lean_fp16_logits_do_not_depend_on_the_tokens_computed_with_them():
 
 
 def test_lean_fp16_gives_the_same_bits_on_any_x86_64_build(tmp_path):
-    """The kernel built for this CPU (AVX-512, or AVX2 + F16C) and for baseline x86-64 (no FMA unit, no vectors wider than
-    SSE2) compute every value the same way: the replay cache of target outputs is keyed by kernel version only."""
+    """The kernel built for this CPU (AVX-512, or AVX2 + F16C) and for baseline x86-64 (no FMA unit, no vectors
+    wider than SSE2) compute every value the same way: the replay cache of target outputs is keyed by kernel version
+    only. Only the baseline build reports itself unvectorised (`auto` then prefers fp32 paths)."""
     import platform
 
     from sd2 import fastpath
@@ -86,6 +87,9 @@ def test_lean_fp16_gives_the_same_bits_on_any_x86_64_build(tmp_path):
         s = lm.session(capacity=64)
         outs.append(torch.cat([s.forward(list(range(5, 25)), keep=20), s.forward([3], keep=1)]))
     assert torch.equal(outs[0], outs[1])
+    assert fastpath.load(generic).sd2_simd() == 0
+    flags = set(fastpath._cpu_flags().split())
+    assert fastpath.kernel().sd2_simd() == int("avx512f" in flags or {"avx2", "f16c", "fma"} <= flags)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -154,6 +158,22 @@ def test_a_path_the_models_cannot_run_is_one_clear_error():
     with pytest.raises(UserError, match=r"--fast-path lean: the drafter \(qwen2\).*use --fast-path fp16 or none"):
         resolve_fast_path("lean", t, q)
     assert resolve_fast_path("auto", t, q) == "fp16"  # auto never picks what cannot run
+
+
+def test_auto_prefers_fp32_where_the_kernel_cannot_vectorise(fresh_kernel, monkeypatch):
+    """A kernel built without vector fp16 conversion (baseline x86-64 here) loses to fp32 GEMMs: `auto` takes the
+    lean fp32 path then (an explicit --fast-path lean-fp16 still runs it, with the same bits)."""
+    import platform
+
+    from sd2 import fastpath
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the baseline build compared here is x86-64's")
+    monkeypatch.setattr(fastpath, "CFLAGS", ["-march=x86-64" if f.startswith("-march") else f
+                                             for f in fastpath.CFLAGS])
+    t = make_llama(96, seed=2)
+    assert not fastpath.vectorized() and resolve_fast_path("auto", t, t) == "lean"
+    assert resolve_fast_path("lean-fp16", t, t) == "lean-fp16"
 
 
 @pytest.mark.parametrize("cc, message", [

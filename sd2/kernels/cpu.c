@@ -123,6 +123,16 @@ static void tile(const float *x, int64_t ldx, int r, const uint16_t *wb, int64_t
 }
 #endif
 
+/* 1 when the GEMM runs vectorised (AVX-512, or AVX2 + F16C + FMA); 0 for the portable code, which converts fp16 in
+   software and loses to fp32 GEMMs: `auto` then picks an fp32 path. */
+int sd2_simd(void) {
+#if defined(SD2_SIMD)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Rows [0, M) of y for column blocks [b0, b1). */
 void sd2_f16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int64_t b0,
                   int64_t b1) {
