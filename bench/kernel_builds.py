@@ -6,10 +6,8 @@ before the AVX2 + F16C path) and torch's fp32 GEMM, in one process, 1 thread, me
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,14 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from sd2 import fastpath  # noqa: E402
 
-
-def _median_ms(fn, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import median_ms as _median_ms  # noqa: E402  (bench/kernel.py's timer)
 
 
 def main() -> None:
