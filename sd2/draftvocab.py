@@ -137,12 +137,9 @@ def head_source(target) -> torch.Tensor:
 
 def missing_ids(model, prompt: list[int]) -> list[int]:
     """The prompt's token ids that a compact-head model's draft vocabulary lacks (none for a full head)."""
-    ids = draft_ids(model)
-    if ids is None:
+    if draft_ids(model) is None:
         return []
-    known = getattr(model, "sd2_draft_set", None)
-    if known is None:
-        known = model.sd2_draft_set = frozenset(ids.tolist())
+    known = model.sd2_draft_set  # set beside the map by compact_head (prompt_rows only widens the map for a prompt)
     return sorted(t for t in set(prompt) if 0 <= t < model.sd2_full_vocab and t not in known)
 
 
