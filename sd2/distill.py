@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from sd2.config import DistillConfig
 from sd2.data import (Prompt, encode_prompt, file_digest, load_distilled, load_prompts,  # noqa: F401 - re-export
@@ -24,6 +23,7 @@ from sd2.device import torch_threads
 from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, publish_dir, save_dataset, write_json
 from sd2.models import check_output_dir, load_model, model_digest
+from sd2.progress import bar as progress_bar
 from sd2.specdec import eos_ids
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
         from sd2.device import Placement
 
         gen, _, _ = _generator(cfg, Placement(where.workers[0], where.dtype))
+    log.info("magpie: the target writes %d seed requests", n)
     with torch_threads(cfg.threads):
         turns = gen.user_turns(n, cfg.seed + 7_919)
     log.info("magpie: the target wrote %d seed requests", len(turns))
@@ -342,6 +343,7 @@ def _run_shards(cfg: DistillConfig, prompts: list[Prompt], shards: Path, gen, sh
                     rows[i]["error"] = error
                     log.warning("request for %s failed: %s", p.id, error)
             bar.update(len(batch))
+            bar.set_postfix_str(f"{gen_tokens:,} tokens generated", refresh=False)
         atomic_write_text(shard_file, "".join(json.dumps(r) + "\n" for r in rows))
     return gen_tokens
 
@@ -354,7 +356,8 @@ def _worker(cfg_json: str, shards: str, shard_ids: list[int], device: str, dtype
     prompts = _fitting(cfg, _check_seeds(cfg, Path(shards).parent)[0])
     gen, _, _ = _generator(cfg, Placement(device, dtype))
     with torch_threads(cfg.threads):
-        return _run_shards(cfg, prompts, Path(shards), gen, shard_ids, tqdm(disable=True))
+        silent = progress_bar(progress=True, desc="", disable=True)  # the parent counts finished shards
+        return _run_shards(cfg, prompts, Path(shards), gen, shard_ids, silent)
 
 
 def _run_workers(cfg: DistillConfig, shards: Path, n_shards: int, where, bar) -> int:
@@ -448,11 +451,11 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     prompts = _fitting(cfg, seeds)
     info["too_long_skipped"] = len(seeds) - len(prompts)
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
-    bar = tqdm(total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt", disable=not progress)
+    pbar = progress_bar(progress=progress, total=len(prompts), desc=f"distill ({cfg.mode})", unit="prompt")
     if many:
-        gen_tokens = _run_workers(cfg, shards, n_shards, where, bar)
+        gen_tokens = _run_workers(cfg, shards, n_shards, where, pbar)
     else:
         with torch_threads(cfg.threads):
-            gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), bar)
-    bar.close()
+            gen_tokens = _run_shards(cfg, prompts, shards, gen, range(n_shards), pbar)
+    pbar.close()
     return _finish(cfg, out, shards, key, info, len(prompts), gen_tokens, time.perf_counter() - t0)

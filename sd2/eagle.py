@@ -198,7 +198,6 @@ def attach_features(target, examples: list[dict], batch_tokens: int = 8192, prog
     `cache_dir` and the target's digest, features are kept on disk by (target, tokens): another run on the same
     data (a variant, a resume) reads them instead of running the target again."""
     from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
 
     cached = _cache_file(cache_dir, target_digest, examples, reads, next(target.parameters()).dtype)
     if cached is not None and cached.is_file():
@@ -206,7 +205,7 @@ def attach_features(target, examples: list[dict], batch_tokens: int = 8192, prog
         for e, part in zip(examples, flat.split([len(e["input_ids"]) for e in examples])):
             e["feats"] = part
         return
-    _compute_features(target, examples, batch_tokens, progress, tqdm, reads)
+    _compute_features(target, examples, batch_tokens, progress, reads)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".partial")
@@ -214,8 +213,10 @@ def attach_features(target, examples: list[dict], batch_tokens: int = 8192, prog
         os.replace(tmp, cached)
 
 
-def _compute_features(target, examples: list[dict], batch_tokens: int, progress: bool, tqdm,
+def _compute_features(target, examples: list[dict], batch_tokens: int, progress: bool,
                       reads: tuple[int, ...]) -> None:
+    from sd2.progress import bar
+
     dev = next(target.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     batches, cur = [], []
@@ -226,8 +227,8 @@ def _compute_features(target, examples: list[dict], batch_tokens: int, progress:
         cur.append(i)
     if cur:
         batches.append(cur)
-    bar = tqdm(total=sum(len(e["input_ids"]) for e in examples), desc="target features", unit="tok",
-               disable=not progress)
+    pbar = bar(progress=progress, total=sum(len(e["input_ids"]) for e in examples), desc="target features",
+               unit="tok")
     for b in batches:
         width = max(len(examples[i]["input_ids"]) for i in b)
         ids = torch.zeros((len(b), width), dtype=torch.long)
@@ -239,8 +240,8 @@ def _compute_features(target, examples: list[dict], batch_tokens: int, progress:
         h = target_features(target, ids.to(dev), mask.to(dev), reads).to("cpu", torch.float16)
         for r, i in enumerate(b):
             examples[i]["feats"] = h[r, : len(examples[i]["input_ids"])].clone()
-        bar.update(int(mask.sum()))
-    bar.close()
+        pbar.update(int(mask.sum()))
+    pbar.close()
 
 
 def unrolled_mask(pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

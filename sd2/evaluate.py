@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from sd2 import metrics
 from sd2.config import EvalConfig
@@ -26,6 +25,7 @@ from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads 
 from sd2.fastpath import pack_fp16, require_cpu
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
+from sd2.progress import bar as progress_bar
 from sd2.specdec import DecodeResult, SpecDecoder, Step, _LookupProposer, eos_ids
 
 
@@ -266,7 +266,7 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
     base = SpecDecoder(target, None, target_tokenizer=target_tok)
     eos = eos_ids(target, target_tok)
     per_prompt = []
-    for p in tqdm(prompts, desc="replay", unit="prompt", disable=not progress):
+    for p in progress_bar(prompts, progress=progress, desc="replay", unit="prompt"):
         ids = encode_prompt(target_tok, p.text)
         tokens = known[p.id] if p.id in known else greedy_output(base, ids, max_new_tokens, cache_dir)
         per_prompt.append((p, tokens, _replayer(target, drafter, ids, tokens, max_new_tokens, eos, lookup,
@@ -277,7 +277,8 @@ def replay_eval(target, target_tok, drafter, prompts: list[Prompt], gammas: list
                       "exact greedy replay: target's greedy output + one teacher-forced drafter pass per prompt"),
            "n_prompts": len(prompts), "gammas": {}}
     for g in gammas:
-        results = [sim(g) for _, _, sim in per_prompt]
+        results = [sim(g) for _, _, sim in progress_bar(per_prompt, progress=progress, desc=f"engine at γ={g}",
+                                                         unit="prompt", disable=not shared_kv)]
         mal_g = metrics.mal(results)
         cats: dict[str, list[DecodeResult]] = {}
         for (p, _, _), r in zip(per_prompt, results):
@@ -371,8 +372,8 @@ def _decode_all(base: SpecDecoder, spec: SpecDecoder, prompts: list[Prompt], enc
     base.generate(encoded[0][0], 2, seed=seed)
     spec.generate(encoded[0][0], min(gamma + 2, 8), seed=seed, drafter_prompt=encoded[0][1])
     rows, base_res, spec_res = [], [], []
-    for i, (p, (ids, dids)) in enumerate(tqdm(list(zip(prompts, encoded)), desc="eval", unit="prompt",
-                                              disable=not progress)):
+    for i, (p, (ids, dids)) in enumerate(progress_bar(list(zip(prompts, encoded)), progress=progress,
+                                                      desc="eval (timed)", unit="prompt")):
         runs = {}
         for which in (("base", "spec") if i % 2 == 0 else ("spec", "base")):
             runs[which] = (base.generate(ids, max_new_tokens, seed=seed + i) if which == "base" else

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sd2.errors import UserError
+from sd2.sharedkv import kv_layers
 
 _SUPPORTED = {"llama"}
 
@@ -83,6 +84,7 @@ class LeanLM:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.hidden, self.n_layers = cfg.hidden_size, len(model.model.layers)
+        self.kv_layers = kv_layers(model.config)  # over another model's cache, layer j writes and reads these
         lin = _packed if fp16_weights else _dense
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()
@@ -150,6 +152,8 @@ class LeanSession:
         self.v: list[torch.Tensor] = []
         self.capacity = 0
         self.share = share
+        # the cache layer each layer uses: its own, or over a shared cache the owner's layer it maps to
+        self.kv = list(range(lm.n_layers)) if share is None else list(lm.kv_layers)
         if share is None:
             self._grow(capacity)
         else:
@@ -218,7 +222,8 @@ class LeanSession:
         threads = torch.get_num_threads()
         scratch = torch.empty(lm.kernel.sd2_layer_scratch(lm.native[0][0], t, self.capacity, threads))
         for li, (spec, _) in enumerate(lm.native):
-            lm.kernel.sd2_layer_forward(spec, x.data_ptr(), t, start, self.k[li].data_ptr(), self.v[li].data_ptr(),
+            kv = self.kv[li]
+            lm.kernel.sd2_layer_forward(spec, x.data_ptr(), t, start, self.k[kv].data_ptr(), self.v[kv].data_ptr(),
                                         self.capacity, lm.cos.data_ptr(), lm.sin.data_ptr(), scratch.data_ptr(),
                                         threads)
             if li in reads:
@@ -237,10 +242,10 @@ class LeanSession:
         for li, (ln1, qkv, o, ln2, gate_up, down, inter) in enumerate(lm.layers):
             h = qkv(lm.rms(x, ln1)).view(t, nq + 2 * nkv, hd).transpose(0, 1)  # [heads, t, hd]
             qk = _rope(h[: nq + nkv], cos, sin)
-            q = qk[:nq]
-            self.k[li][:, start:end] = qk[nq:]
-            self.v[li][:, start:end] = h[nq + nkv:]
-            att = F.scaled_dot_product_attention(q[None], self.k[li][None, :, :end], self.v[li][None, :, :end],
+            q, kv = qk[:nq], self.kv[li]
+            self.k[kv][:, start:end] = qk[nq:]
+            self.v[kv][:, start:end] = h[nq + nkv:]
+            att = F.scaled_dot_product_attention(q[None], self.k[kv][None, :, :end], self.v[kv][None, :, :end],
                                                  attn_mask=mask, enable_gqa=nq != nkv)
             x = x + o(att[0].transpose(0, 1).reshape(t, nq * hd))
             g = gate_up(lm.rms(x, ln2))

@@ -7,6 +7,11 @@ those and computes its own only for the token it starts from and its drafts, in 
 next verification overwrites. No extra MACs, no drafter KV cache, and the target still verifies every token
 (lossless by construction).
 
+A layer slice of the target (its first layers and its last, sd2.prune.layers) reads the caches of the layers it
+was cut from: drafter layer j reads target layer `kv_layers[j]` (`sd2_kv_layers` in its config), so its top
+layers attend to the target's own top-layer keys and values of the whole context — what a shallow drafter cannot
+compute — while its MACs and time stay a slice's.
+
 Training matches it: position i of a training block attends to the target's keys and values of positions < i and
 to its own at i (`attention`, registered as an HF attention implementation; the target's K/V come from one
 no-grad target pass per step, `target_kv`). A drafter trained so carries `sd2_shared_kv` in its config, and sd2's
@@ -16,11 +21,14 @@ engine reads the target's cache with it by default; plain transformers loads it 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from sd2.errors import UserError
 
 MARK = "sd2_shared_kv"
+LAYERS = "sd2_kv_layers"  # drafter layer j reads the target's layer LAYERS[j] (absent: layer j)
 IMPL = "sd2_shared_kv"  # the HF attention implementation used while training
 
 
@@ -29,8 +37,35 @@ def shares_kv(model) -> bool:
     return bool(getattr(getattr(model, "config", None), MARK, False))
 
 
-def mark(model) -> None:
+def mark(model, layers: list[int] | None = None) -> None:
+    """Mark the drafter as trained over the target's cache; `layers`: the target layer each of its layers reads."""
     setattr(model.config, MARK, True)
+    if layers is not None and list(layers) != list(range(len(layers))):
+        setattr(model.config, LAYERS, [int(i) for i in layers])
+
+
+def kv_layers(config, kept: list[int] | None = None) -> list[int]:
+    """The target layer whose cache each drafter layer reads: the map the drafter carries, else the layers it was
+    cut from (`kept`, from its sd2_layers.json), else layer j for layer j."""
+    layers = _layer_map(config, kept)
+    return layers if layers is not None else list(range(_attention_shape(config)["layers"]))
+
+
+def _layer_map(config, kept: list[int] | None) -> list[int] | None:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(c, LAYERS, None) or getattr(config, LAYERS, None) or kept
+    return [int(i) for i in layers] if layers else None
+
+
+def kept_layers(model_dir, target_layers: int) -> list[int] | None:
+    """The target layers a layer-sliced drafter was cut from (sd2_layers.json beside its weights), if it was cut
+    from a model as deep as the target (a slice of a slice numbers another model's layers: no map)."""
+    import json
+    from pathlib import Path
+
+    f = Path(str(model_dir)) / "sd2_layers.json"
+    info = json.loads(f.read_text()) if f.is_file() else {}
+    return info.get("kept_layers") if info.get("source_layers") == target_layers else None
 
 
 def _attention_shape(config) -> dict:
@@ -41,14 +76,22 @@ def _attention_shape(config) -> dict:
             "model_type": c.model_type}
 
 
-def check_pair(target_config, drafter_config, flag: str = "--shared-kv") -> None:
-    """The drafter's layer i reads the target's layer i cache: both need the same layers, KV heads, head size and
-    rotary embedding (a pruned copy of the target has them; a layer slice or another family does not)."""
+def check_pair(target_config, drafter_config, flag: str = "--shared-kv", kept: list[int] | None = None) -> None:
+    """Drafter layer j reads the target's layer kv_layers[j] cache: both need the same KV heads, head size and
+    rotary embedding, and each drafter layer a target layer to read (a pruned copy of the target or a slice of its
+    layers has them; another family does not)."""
     t, d = _attention_shape(target_config), _attention_shape(drafter_config)
-    bad = [f"{k} {d[k]} vs the target's {t[k]}" for k in t if t[k] != d[k]]
+    bad = [f"{k} {d[k]} vs the target's {t[k]}" for k in t if k != "layers" and t[k] != d[k]]
+    layers = _layer_map(drafter_config, kept)
+    if layers is None and d["layers"] != t["layers"]:
+        bad.append(f"layers {d['layers']} vs the target's {t['layers']}, and no map of the target layers it was cut "
+                   "from (the sd2_layers.json sd2 writes beside a layer slice)")
+    elif layers is not None and (len(layers) != d["layers"] or not all(0 <= i < t["layers"] for i in layers)):
+        bad.append(f"its {d['layers']} layers map onto target layers {layers}, not {d['layers']} of the target's "
+                   f"{t['layers']}")
     if bad:
         raise UserError(f"{flag}: the drafter cannot read the target's KV cache ({'; '.join(bad)}); it must be a "
-                        "pruned copy of the target (all its layers), or pass --shared-kv off")
+                        "pruned copy or a layer slice of the target, or pass --shared-kv off")
 
 
 def round_starts(t: int, rounds: int, offset: int, device=None) -> torch.Tensor:
@@ -67,7 +110,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     starts from and the drafts before i (`sd2_rounds` positions per round from `sd2_offset`; 1 = every position
     the first draft of its round). query [B, H, T, d], key/value [B, H_kv, T, d] (after rotary); right padding
     needs no mask (padded keys follow every real query)."""
-    kt, vt = kwargs["sd2_target_kv"][module.layer_idx]
+    kt, vt = kwargs["sd2_target_kv"][getattr(module, "sd2_kv_layer", module.layer_idx)]
     b, h, t, hd = query.shape
     nk = key.shape[1]
     q = query.view(b, nk, h // nk, t, hd)
@@ -83,12 +126,36 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.reshape(b, h, t, hd).transpose(1, 2), None
 
 
-def use_for_training(model) -> None:
-    """Switch the drafter's attention to `attention` (it then needs `sd2_target_kv=` on every forward)."""
+def use_for_training(model, layers: list[int] | None = None) -> None:
+    """Switch the drafter's attention to `attention` (it then needs `sd2_target_kv=` on every forward); its layer j
+    reads the target's layer `layers[j]` (default j)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(IMPL, attention)
     model.set_attn_implementation(IMPL)
+    for j, layer in enumerate(_decoder_layers(model)):
+        layer.self_attn.sd2_kv_layer = layers[j] if layers is not None else j
+
+
+def _decoder_layers(model):
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return inner.layers
+
+
+@contextmanager
+def reading_target_layers(model):
+    """HF modules: while drafting over the target's cache, each drafter attention writes and reads the target's
+    layer it maps to (HF's cache is indexed by the module's `layer_idx`); restored after."""
+    layers = kv_layers(model.config)
+    attns = [layer.self_attn for layer in _decoder_layers(model)]
+    old = [a.layer_idx for a in attns]
+    try:
+        for a, i in zip(attns, layers):
+            a.layer_idx = i
+        yield
+    finally:
+        for a, i in zip(attns, old):
+            a.layer_idx = i
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from sd2.device import synchronize
 from sd2.draftvocab import head_source, prompt_rows, to_full, wide_head
 from sd2.eagle import feature_layers, is_feature_drafter, target_features
 from sd2.errors import UserError
+from sd2.sharedkv import kv_layers, reading_target_layers
 
 
 @dataclass
@@ -98,7 +99,7 @@ class _LeanCached:
 
 
 def _check_lean_share(lm, owner) -> None:
-    if (lm.native is None) != (owner.native is None) or lm.dtype != owner.dtype or lm.n_layers != owner.n_layers:
+    if (lm.native is None) != (owner.native is None) or lm.dtype != owner.dtype or max(lm.kv_layers) >= owner.n_layers:
         raise UserError("--shared-kv: the drafter and the target run on different numeric paths (their KV caches "
                         "differ in layout or dtype); use one --fast-path for both (lean-fp16, lean or none)")
 
@@ -175,8 +176,17 @@ class _Cached:
         self.ids = list(self.share.ids)
 
     def release(self) -> None:
-        """Drop what this one appended to the owner's cache (its drafts)."""
-        self.rollback(len(self.share.ids))
+        """Drop what this one appended to the owner's cache (its drafts). A layer slice wrote only the layers it
+        reads, so the others are cut to the owner's length, not by the drafts' count."""
+        n = len(self.share.ids)
+        if kv_layers(self.model.config) == list(range(len(self.cache.layers))):
+            self.rollback(n)
+            return
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - n
+            if extra > 0:
+                layer.crop(-extra)
+        del self.ids[n:]
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -264,8 +274,10 @@ class _SharedKVProposer(_SameVocabProposer):
             return [], None
         assert len(self.t.ids) == len(ids) - 1, "the target must hold every committed position but the last"
         self.d.follow()
-        try:
-            return self._chain(ids, n)
+        try:  # HF modules index the cache by layer_idx: a layer slice maps them onto the target's (the lean path
+            # maps in its session)
+            with nullcontext() if isinstance(self.d, _LeanCached) else reading_target_layers(self.d.model):
+                return self._chain(ids, n)
         finally:
             self.d.release()
 

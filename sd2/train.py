@@ -27,6 +27,7 @@ from sd2.data import encode_prompt, load_distilled
 from sd2.errors import UserError
 from sd2.io import write_json
 from sd2.models import check_output_dir, load_model, same_tokenizer
+from sd2.progress import trainer_callback as progress_callback
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -474,7 +475,16 @@ def _check_shared_kv(cfg: TrainConfig) -> None:
     """--shared-kv: the drafter's layer i reads the target's layer i cache (checked on the configs)."""
     if cfg.feature_drafter:
         raise UserError("--shared-kv: a feature drafter reads the target's hidden state, not its KV cache; drop one")
-    sharedkv.check_pair(*_pair_configs(cfg, "--shared-kv"))
+    target, drafter = _pair_configs(cfg, "--shared-kv")
+    sharedkv.check_pair(target, drafter, kept=_kept_layers(cfg, target))
+
+
+def _kept_layers(cfg: TrainConfig, target_config) -> list[int] | None:
+    """The target layers a layer-sliced --init was cut from (its sd2_layers.json): the caches its layers read."""
+    from sd2.models import resolve_spec
+
+    return sharedkv.kept_layers(resolve_spec(cfg.init, cfg.load.allow_pickle),
+                                target_config.get_text_config().num_hidden_layers)
 
 
 def _set_losses(trainer, cfg: TrainConfig, where, tok, stored: bool, teacher_head) -> None:
@@ -556,8 +566,9 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         target, model = model, eagle.build(model, cfg.feature_layer, cfg.feature_layers, tuple(cfg.feature_reads))
     model.train()
     if cfg.shared_kv:  # trained as it drafts: over the target's keys and values (marked in its config)
-        sharedkv.use_for_training(model)
-        sharedkv.mark(model)
+        layers = sharedkv.kv_layers(model.config, _kept_layers(cfg, _pair_configs(cfg, "--shared-kv")[0]))
+        sharedkv.use_for_training(model, layers)
+        sharedkv.mark(model, layers)
     ds = load_distilled(cfg.data)
     stored = _stored_teacher(cfg, ds)
     parts, counts = [], {}  # the examples of --data and of each --extra-data
@@ -597,10 +608,12 @@ def train_worker(cfg: TrainConfig, progress: bool = True) -> Path:
         masks.hook_gradients(model)
         keeper = MaskKeeper(masks)
     args = _training_args(cfg, where, work, progress)
+    callbacks = ([keeper.callback] if keeper else []) + ([_curve_callback(cfg.curve_dir, tok)] if cfg.curve_dir
+                                                         else [])
+    if not progress:  # no bar: steps, loss and time left as log lines (a flow's stage in the Prefect UI)
+        callbacks.append(progress_callback(cfg.max_steps, desc=f"train ({cfg.loss})"))
     trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=Collator(
-        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
-        callbacks=([keeper.callback] if keeper else []) + ([_curve_callback(cfg.curve_dir, tok)] if cfg.curve_dir
-                                                             else []))
+        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id), callbacks=callbacks)
     _set_losses(trainer, cfg, where, tok, stored, teacher_head)
     if keeper:
         keeper.trainer = trainer

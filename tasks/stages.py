@@ -189,6 +189,27 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
+def forward_sd2_logs() -> None:
+    """Send the sd2 library's log lines (stage progress, what a stage chose) to the Prefect API as the logs of the
+    task or flow run that wrote them, so the UI shows where a 40-minute stage is. Prefect sends only its own run
+    loggers by default; outside a run the lines stay local (no warning per line). Idempotent."""
+    import logging
+
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("sd2")
+    if any(isinstance(h, APILogHandler) for h in logger.handlers):
+        return
+    handler = APILogHandler(level=logging.INFO)
+    handler.addFilter(lambda record: TaskRunContext.get() is not None or FlowRunContext.get() is not None)
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+forward_sd2_logs()
+
 _COMMON = dict(persist_result=True, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
                log_prints=True)
 

@@ -118,6 +118,9 @@ def test_pipeline_runs_logs_and_caches(harness, tiny_target, seed_file, eval_fil
     assert all(r["lossless"] for r in rows)
     logs = _log_messages()  # printed training logs reach the run's log; nothing a library disassembled does
     assert any("'loss'" in m for m in logs) and not any("LOAD_GLOBAL" in m or "RESUME" in m for m in logs)
+    # each long stage's progress reaches the run's log too (the UI shows where a stage is), ending at 100%
+    for stage in ("distill (regenerate): ", "train (", "prune sparsegpt: ", "eval (timed): "):
+        assert any(m.startswith(stage) and "(100%)" in m for m in logs), (stage, [m for m in logs if "%" in m])
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = harness / "cwd" / "sd2-runs"

@@ -148,19 +148,110 @@ def test_eval_follows_the_drafters_mark(tok300):
                       fast_path="none", shared_kv="on")
 
 
-def test_sd2_train_shared_kv_marks_the_drafter(tmp_path, tiny_model_dir, seed_file, sd2_home):
+def _train_shared_kv(tmp_path, target, seed_file):
+    """`sd2 train --shared-kv ARGS` (2 steps) on 4 answers the target distilled: (invoke(init, out), CliRunner)."""
     from typer.testing import CliRunner
 
     from sd2.cli import app
 
     r = CliRunner()
     data = tmp_path / "data"
-    assert r.invoke(app, ["distill", "--target", str(tiny_model_dir), "--prompts", str(seed_file), "--out",
+    assert r.invoke(app, ["distill", "--target", str(target), "--prompts", str(seed_file), "--out",
                           str(data), "--limit", "4", "--max-new-tokens", "8"]).exit_code == 0
+    args = ["--data", str(data), "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--loss", "kd",
+            "--shared-kv", "--threads", "1"]
+    return lambda init, out: r.invoke(app, ["train", "--init", str(init), "--out", str(out), *args])
+
+
+def test_sd2_train_shared_kv_marks_the_drafter(tmp_path, tiny_model_dir, seed_file, sd2_home):
     out = tmp_path / "d"
-    res = r.invoke(app, ["train", "--init", str(tiny_model_dir), "--data", str(data), "--out", str(out),
-                         "--max-steps", "2", "--batch-size", "2", "--seq-len", "64", "--loss", "kd",
-                         "--shared-kv", "--threads", "1"])
+    res = _train_shared_kv(tmp_path, tiny_model_dir, seed_file)(tiny_model_dir, out)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())[sharedkv.MARK] is True
     assert "_attn_implementation" not in json.loads((out / "config.json").read_text())
+
+
+def _slice(t, keep: list[int], scale: float, seed: int = 1):
+    """A drafter cut from (a perturbed copy of) the target, keeping `keep`, marked to read those layers' caches."""
+    from sd2.prune.layers import keep_layers
+
+    d = keep_layers(perturbed(t, scale, seed=seed), keep)
+    sharedkv.mark(d, keep)
+    return d
+
+
+@pytest.mark.parametrize("path", ["none", "lean", "lean-fp16"])
+def test_a_layer_slice_over_the_targets_cache_is_lossless(path):
+    t = make_llama(96, layers=4, seed=2, eos=None, hidden=32)
+    t, d = apply_fast_path(path, t, _slice(t, [0, 3], 0.1))
+    base = SpecDecoder(t).generate(PROMPT, 40)
+    res = SpecDecoder(t, d, gamma=4, shared_kv=True).generate(PROMPT, 40)
+    assert res.tokens == base.tokens
+    assert res.target_passes < len(res.tokens)
+    assert sum(1 + s.accepted for s in res.steps) == len(res.tokens)
+
+
+@pytest.mark.parametrize("path", ["none", "lean"])
+def test_a_layer_slice_reads_the_target_layers_it_was_cut_from(path):
+    """Slice layer j reads target layer keep[j]'s cache in the engine (HF modules and the lean session) exactly as
+    training's attention does: teacher-forced logits equal the engine's round by round."""
+    from sd2.specdec import cached
+
+    keep, rounds = [0, 2], 4
+    t = make_llama(96, layers=3, seed=2, eos=None, hidden=32)
+    d = _slice(t, keep, 0.3, seed=4)
+    ids = list(range(3, 19))
+    kv, _ = sharedkv.target_kv(t, torch.tensor([ids]))
+    dt = perturbed(d, 0.0)
+    sharedkv.use_for_training(dt, sharedkv.kv_layers(dt.config))
+    train = dt(input_ids=torch.tensor([ids]), sd2_target_kv=kv, sd2_rounds=rounds, sd2_offset=0).logits[0]
+    wrong = perturbed(d, 0.0)
+    sharedkv.use_for_training(wrong)  # reading target layers 0, 1 instead: other logits
+    assert not torch.allclose(wrong(input_ids=torch.tensor([ids]), sd2_target_kv=kv, sd2_rounds=rounds).logits[0],
+                              train, atol=1e-3)
+    te, de = apply_fast_path(path, t, d)
+    for s in range(0, len(ids), rounds):
+        tc = cached(te, capacity=64)
+        if s:
+            tc.forward(ids[:s], keep=1)
+        dc = cached(de, share=tc)
+        dc.follow()
+        if path == "none":
+            with sharedkv.reading_target_layers(de):
+                eng = dc.forward(ids[: s + rounds], keep=rounds)
+        else:
+            eng = dc.forward(ids[: s + rounds], keep=rounds)
+        dc.release()
+        assert torch.allclose(eng, train[s: s + rounds], atol=1e-4), s
+    assert [a.self_attn.layer_idx for a in de.model.layers] == [0, 1]  # restored after drafting
+
+
+def test_a_slice_without_its_map_is_one_clear_error():
+    from sd2.prune.layers import keep_layers
+
+    t = make_llama(96, layers=3, seed=2)
+    with pytest.raises(UserError, match=r"--shared-kv: .*layers 2 vs the target's 3, and no map .*sd2_layers.json"):
+        SpecDecoder(t, keep_layers(t, [0, 2]), shared_kv=True)
+    d = keep_layers(t, [0, 2])
+    sharedkv.mark(d, [0, 5])
+    with pytest.raises(UserError, match=r"map onto target layers \[0, 5\]"):
+        SpecDecoder(t, d, shared_kv=True)
+    sliced_again = keep_layers(_slice(t, [0, 2], 0.0), [1])  # the map follows the layers kept
+    assert sharedkv.kv_layers(sliced_again.config) == [2]
+
+
+def test_sd2_train_shared_kv_on_a_layer_slice_keeps_its_map(tmp_path, tiny_model_dir, seed_file, sd2_home):
+    from sd2.prune.layers import layer_prune_to_dir
+
+    train = _train_shared_kv(tmp_path, tiny_model_dir, seed_file)
+    sl = tmp_path / "slice"
+    layer_prune_to_dir(str(tiny_model_dir), sl, keep_layers="1", device="cpu")
+    out = tmp_path / "d"
+    res = train(sl, out)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg[sharedkv.MARK] is True and cfg[sharedkv.LAYERS] == [1]
+    (sl / "sd2_layers.json").unlink()  # a slice that does not say where it was cut from: one line, nothing written
+    res = train(sl, tmp_path / "d2")
+    assert res.exit_code == 2 and "no map of the target layers" in res.output
+    assert not (tmp_path / "d2").exists() and not (tmp_path / "d2.partial").exists()

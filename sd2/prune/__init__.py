@@ -7,10 +7,10 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sd2.config import METHODS  # defined once, beside the config that validates it
 from sd2.errors import UserError
+from sd2.progress import bar as progress_bar
 from sd2.prune.allocate import check_allocation, layer_stats, outlier_ratios, owl_sparsities
 from sd2.prune.calib import capture_layer_inputs, decoder_layers, walk_layers
 from sd2.prune.magnitude import prune_magnitude
@@ -65,7 +65,8 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     if method == "magnitude":
-        for lin in tqdm(matched_linears(model, layer_filter).values(), desc="prune magnitude", disable=not progress):
+        linears = matched_linears(model, layer_filter).values()
+        for lin in progress_bar(linears, progress=progress, desc="prune magnitude", unit="linear"):
             w = lin.weight.data if device is None else lin.weight.data.to(device)
             prune_magnitude(w, sparsity, nm)
             if w is not lin.weight.data:
@@ -80,8 +81,8 @@ def prune_model(model: nn.Module, method: str, sparsity: float, pattern: str = "
         ratios = outlier_ratios(model, hidden, kwargs, lambda lay: _layer_linears(lay, layer_filter), owl_m, dev_opt)
         sizes = [sum(m.weight.numel() for m in _layer_linears(lay, layer_filter).values()) for lay in layers]
         per_layer = owl_sparsities(ratios, sizes, sparsity, owl_lambda)
-    for li, layer, inputs, kws in tqdm(walk_layers(model, hidden, kwargs, dev_opt), total=len(layers),
-                                       desc=f"prune {method}", unit="layer", disable=not progress):
+    for li, layer, inputs, kws in progress_bar(walk_layers(model, hidden, kwargs, dev_opt), total=len(layers),
+                                               progress=progress, desc=f"prune {method}", unit="layer"):
         _prune_layer(layer, inputs, kws, method, per_layer[li], nm, layer_filter, blocksize, percdamp)
     return {"method": method, "seconds": time.perf_counter() - t0, "layer_sparsity": [round(s, 4) for s in per_layer]}
 

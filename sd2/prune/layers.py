@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
-from sd2 import draftvocab
+from sd2 import draftvocab, sharedkv
 from sd2.errors import UserError
 
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -44,6 +44,9 @@ def keep_layers(model, keep: list[int]):
     if any(i < 0 or i >= n for i in keep):
         raise UserError(f"--keep-layers: indices must be within 0-{n - 1}")
     text_cfg.num_hidden_layers = len(keep)
+    for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():  # a shared-KV drafter's map follows its layers
+        if getattr(c, sharedkv.LAYERS, None):
+            setattr(c, sharedkv.LAYERS, [getattr(c, sharedkv.LAYERS)[i] for i in keep])
     if getattr(text_cfg, "layer_types", None):
         text_cfg.layer_types = [text_cfg.layer_types[i] for i in keep]
     remap = {old: new for new, old in enumerate(keep)}
