@@ -192,7 +192,8 @@ def test_eval_shared_kv_with_a_drafter_that_cannot_read_the_targets_cache(tmp_pa
                         tmp_path / "sliced")
     res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(sliced), "--shared-kv", "on",
                               "--limit", "1", "--out", "o.json"])
-    _one_line_exit_2(res, "--shared-kv: the drafter cannot read the target's KV cache (layers 1 vs the target's 2)")
+    _one_line_exit_2(res, "--shared-kv: the drafter cannot read the target's KV cache (layers 1 vs the target's 2, "
+                     "and no map of the target layers it was cut from")
     assert not (tmp_path / "o.json").exists()
     res = runner.invoke(app, ["eval", "--target", str(tiny_model_dir), "--drafter", str(sliced), "--shared-kv",
                               "maybe", "--limit", "1", "--out", "o.json"])

@@ -197,7 +197,7 @@ def test_train_bad_input(tiny_model_dir, data_dir, tmp_path, tok300):
         (["--data", str(data_dir), "--layer-kd", "1", "--kd-target", str(deeper)], "--layer-kd"),
         (["--data", str(data_dir), "--layer-kd", "1"], "--layer-kd: pass --kd-target"),
         (["--data", str(data_dir), "--shared-kv", "--kd-target", str(deeper)],
-         "--shared-kv: the drafter cannot read the target's KV cache (layers 2 vs the target's 3)"),
+         "--shared-kv: the drafter cannot read the target's KV cache (layers 2 vs the target's 3, and no map"),
     ]
     for args, needle in cases:
         res = r.invoke(app, [*base, *args])
