@@ -131,23 +131,22 @@ def use_for_training(model, layers: list[int] | None = None) -> None:
     reads the target's layer `layers[j]` (default j)."""
     from transformers import AttentionInterface
 
+    from sd2.prune.calib import decoder_layers
+
     AttentionInterface.register(IMPL, attention)
     model.set_attn_implementation(IMPL)
-    for j, layer in enumerate(_decoder_layers(model)):
+    for j, layer in enumerate(decoder_layers(model)):
         layer.self_attn.sd2_kv_layer = layers[j] if layers is not None else j
-
-
-def _decoder_layers(model):
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return inner.layers
 
 
 @contextmanager
 def reading_target_layers(model):
     """HF modules: while drafting over the target's cache, each drafter attention writes and reads the target's
     layer it maps to (HF's cache is indexed by the module's `layer_idx`); restored after."""
+    from sd2.prune.calib import decoder_layers
+
     layers = kv_layers(model.config)
-    attns = [layer.self_attn for layer in _decoder_layers(model)]
+    attns = [layer.self_attn for layer in decoder_layers(model)]
     old = [a.layer_idx for a in attns]
     try:
         for a, i in zip(attns, layers):
