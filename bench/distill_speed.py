@@ -30,7 +30,7 @@ from sd2.fastpath import pack_fp16  # noqa: E402
 from sd2.models import load_model  # noqa: E402
 from sd2.specdec import eos_ids  # noqa: E402
 
-SEEDS = "dolly-15k-subset.jsonl:480+gsm8k_train.jsonl:160"  # the recipe's file seeds (configs/drafter-smollm2.yaml)
+SEEDS = "dolly-15k-subset.jsonl:480+gsm8k_train.jsonl:160"  # the recipes' file seeds (configs/drafter-smollm2*.yaml)
 
 
 def hf_rows(model, tok, encoded, max_new_tokens):

@@ -184,7 +184,8 @@ def _generator(cfg: DistillConfig, placement=None):
             model, tok, requests, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
             topk=cfg.store_topk)]
     openers = TASK_OPENERS if cfg.magpie_openers == "tasks" else ()
-    gen.user_turns = lambda n, seed: user_turns(model, tok, n, batch_size=cfg.batch_size, seed=seed, openers=openers)
+    gen.user_turns = lambda n, seed, progress=False: user_turns(model, tok, n, batch_size=cfg.batch_size, seed=seed,
+                                                                openers=openers, progress=progress)
     return gen, model_digest(cfg.target), {}
 
 
@@ -198,13 +199,14 @@ def user_prefix(tok) -> list[int]:
 
 
 def user_turns(model, tok, n: int, *, batch_size: int, seed: int, max_new_tokens: int = 96,
-               temperature: float = 1.0, openers: tuple[str, ...] = ()) -> list[Prompt]:
+               temperature: float = 1.0, openers: tuple[str, ...] = (), progress: bool = False) -> list[Prompt]:
     """Magpie: the target writes user requests itself, sampled from its chat template's user prefix — seeds from
     its own distribution with nothing downloaded. With `openers`, sample i starts its request with opener
     i mod (len + 1) (the last slot: none) and the target completes it: a small model left alone writes mostly one
     kind of request ("I'm looking for advice on …"). Unfinished, empty, degenerate and repeated turns are dropped."""
     prefix, seen, out = user_prefix(tok), set(), []
     starts = [tok(o, add_special_tokens=False)["input_ids"] for o in openers] + [[]]
+    pbar = progress_bar(progress=progress, total=n, desc="magpie seeds", unit="request")
     for attempt in range(0, 4 * n, batch_size):  # at most 4n samples
         if len(out) >= n:
             break
@@ -218,6 +220,8 @@ def user_turns(model, tok, n: int, *, batch_size: int, seed: int, max_new_tokens
                 continue
             seen.add(key)
             out.append(Prompt(f"magpie/{len(out)}", "magpie", text))
+            pbar.update(1)
+    pbar.close()
     if len(out) < n:
         log.warning("magpie: %d of %d self-written seeds kept (the rest were unfinished or repeated)", len(out), n)
     return out
@@ -253,7 +257,7 @@ def _fitting(cfg: DistillConfig, prompts: list[Prompt]) -> list[Prompt]:
     return [p for p in prompts if len(encode_prompt(tok, request_text(p, cfg.mode))) <= cfg.max_prompt_tokens]
 
 
-def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
+def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where, progress: bool = False) -> None:
     """Write the self-written seeds once (the resumed run reads them back); several workers: made here first."""
     if n == 0 or (work / "magpie.jsonl").exists():
         return
@@ -263,7 +267,7 @@ def _magpie_seeds(cfg: DistillConfig, gen, work: Path, n: int, where) -> None:
         gen, _, _ = _generator(cfg, Placement(where.workers[0], where.dtype))
     log.info("magpie: the target writes %d seed requests", n)
     with torch_threads(cfg.threads):
-        turns = gen.user_turns(n, cfg.seed + 7_919)
+        turns = gen.user_turns(n, cfg.seed + 7_919, progress)
     log.info("magpie: the target wrote %d seed requests", len(turns))
     atomic_write_text(work / "magpie.jsonl", "".join(json.dumps(vars(p)) + "\n" for p in turns))
 
@@ -446,7 +450,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> Path:
         info = {**info, "device": where.describe(), "workers": len(where.workers)}
     shards = _open_work(out, key)
     t0 = time.perf_counter()
-    _magpie_seeds(cfg, gen, shards.parent, n_magpie, where)
+    _magpie_seeds(cfg, gen, shards.parent, n_magpie, where, progress)
     seeds, _ = _check_seeds(cfg, shards.parent)
     prompts = _fitting(cfg, seeds)
     info["too_long_skipped"] = len(seeds) - len(prompts)

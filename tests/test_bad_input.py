@@ -229,7 +229,7 @@ def test_every_shipped_config_is_a_valid_pipeline_form():
         cfg = PipelineConfig.build(**yaml.safe_load(f.read_text()))
         resolved = cfg.resolved()
         assert cfg.name and resolved.train_steps is not None and resolved.sparse_ft_steps is not None
-    recipe = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2.yaml").read_text()))
-    assert recipe.feature_drafter and not recipe.prune and recipe.reference_seeds
-    sparse = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2-sparse.yaml").read_text()))
+    features = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2-features.yaml").read_text()))
+    assert features.feature_drafter and not features.prune and features.reference_seeds
+    sparse = PipelineConfig.build(**yaml.safe_load((root / "drafter-smollm2.yaml").read_text()))  # the recipe
     assert sparse.train_steps == 0 and sparse.prune and sparse.drafter_layers == "0--1" and sparse.draft_vocab

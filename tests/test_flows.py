@@ -279,7 +279,7 @@ def test_drafter_recipe_without_sweep_kd_from_stored_logits_and_draft_vocab(harn
 
 def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(harness, tiny_target, seed_file,
                                                                               eval_file):
-    """configs/drafter-smollm2-sparse.yaml's shape: train_steps 0 and drafter_layers '0--1' → the sweep prunes a
+    """configs/drafter-smollm2.yaml's shape: train_steps 0 and drafter_layers '0--1' → the sweep prunes a
     copy of the whole target, and sparse fine-tuning (KD from stored logits) gives it the compact head; the
     layer-pruned baseline is cut from the same copy with matched MACs. No dense drafter is evaluated (untrained,
     it would be the target itself). The sparse cell is fine-tuned (in bf16) to draft over the target's KV cache

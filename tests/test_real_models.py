@@ -1,6 +1,7 @@
 """End-to-end on the real packaged SmolLM2-135M-Instruct (converted once per SD2_HOME, then cached)."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -65,15 +66,19 @@ def test_layer_pruned_drafter_eval_cli(tmp_path):
     assert 0.3 < res["cost_ratio"] < 0.6  # 11 of 30 layers plus the shared embeddings/lm_head
 
 
-def test_magpie_user_turns_from_the_real_chat_template(smol):
-    """The target writes finished, distinct user requests itself from its chat template's user prefix."""
+def test_magpie_user_turns_from_the_real_chat_template(smol, caplog):
+    """The target writes finished, distinct user requests itself from its chat template's user prefix (and says how
+    far it is where nobody watches a terminal)."""
     from sd2.distill import user_prefix, user_turns
 
     m, tok = smol
     prefix = tok.decode(user_prefix(tok))
     assert prefix.rstrip().endswith("user")  # SmolLM2: ...<|im_start|>user\n
-    turns = user_turns(m, tok, 4, batch_size=4, seed=0, max_new_tokens=64)
+    with caplog.at_level(logging.INFO, logger="sd2.progress"):
+        turns = user_turns(m, tok, 4, batch_size=4, seed=0, max_new_tokens=64, progress=False)
     assert 1 <= len(turns) <= 4
+    lines = [r.getMessage() for r in caplog.records if r.name == "sd2.progress"]
+    assert lines[0].startswith("magpie seeds: 0/4") and lines[-1].startswith(f"magpie seeds: {len(turns)}/4")
     assert len({t.text for t in turns}) == len(turns) and all(t.text.strip() for t in turns)
     assert all(t.category == "magpie" and t.reference is None for t in turns)
     from sd2.distill import TASK_OPENERS
