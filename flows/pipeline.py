@@ -23,6 +23,7 @@ from sd2.config import (  # noqa: F401 - SweepGrid re-exported
 )
 from sd2.data import data_dir
 from sd2.report import plot_results
+from sd2.sharedkv import slice_can_read
 from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
 
 
@@ -373,9 +374,11 @@ def _layer_baselines(cfg: PipelineConfig, cells: list[dict], dense: str, base_mo
         else:
             lp = layer_match_task(base_model, ref_cell["pruned"], data, cfg.layer_match_settings())
             steps = cfg.train_steps
-        lp_ft = train_drafter(lp, data, cfg.train_settings(steps, shared_kv=False)) if steps else lp
+        # over the target's cache like the sparse cells when its layers map onto the target's (a slice of a copy)
+        kv = cfg.shared_kv and bool(steps) and slice_can_read(cfg.target, lp)
+        lp_ft = train_drafter(lp, data, cfg.train_settings(steps, shared_kv=kv)) if steps else lp
         out.append(DrafterSpec(name=f"layer-pruned-{ref_cell['sparsity']:g}", path=lp_ft, params={
-            **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell), "train.shared_kv": False,
+            **common, "kind": "layer-pruned", "matched_to": _cell_name(ref_cell), "train.shared_kv": kv,
             "matched_sparsity": ref_cell["sparsity"], "layer_baseline.from": cfg.layer_baseline_from,
             "layer_baseline.ft_steps": steps}))
     return out

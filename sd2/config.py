@@ -455,7 +455,8 @@ class PipelineConfig(_Base):
                             "against the target (cells as deep as the target: drafter_layers '0--1'); 0 = off")
     shared_kv: bool = Field(False, description="train (and evaluate) drafters that read the target's KV cache "
                             "(sd2.sharedkv): for copies of the target's every layer (drafter_layers '0--1'), pruned "
-                            "by the sweep; the layer-pruned baselines keep their own cache")
+                            "by the sweep; the layer-pruned baselines read it too where their layers map onto the "
+                            "target's (slices of such a copy), else keep their own cache")
     shared_kv_rounds: int = Field(1, ge=1, le=16, description="shared_kv: positions per training draft round "
                                   "(γ: every draft step trained as the engine runs it; 1: the first only)")
     packing: bool | None = Field(None, description="pack training examples into full seq_len blocks (default: the "

@@ -94,6 +94,24 @@ def check_pair(target_config, drafter_config, flag: str = "--shared-kv", kept: l
                         "pruned copy or a layer slice of the target, or pass --shared-kv off")
 
 
+def slice_can_read(target_spec: str, drafter_dir, allow_pickle: bool = False) -> bool:
+    """Whether a drafter (e.g. a layer-pruned baseline) could be trained to read the target's KV cache: a pruned copy
+    of the target, or a slice cut from a model as deep as it (its sd2_layers.json maps each layer onto the target's);
+    a slice of a slice cannot. Decided on the configs alone, before any training."""
+    from transformers import AutoConfig
+
+    from sd2.models import resolve_spec
+
+    target = AutoConfig.from_pretrained(resolve_spec(target_spec, allow_pickle))
+    drafter = AutoConfig.from_pretrained(str(drafter_dir))
+    kept = kept_layers(drafter_dir, _attention_shape(target)["layers"])
+    try:
+        check_pair(target, drafter, kept=kept)
+    except UserError:
+        return False
+    return True
+
+
 def round_starts(t: int, rounds: int, offset: int, device=None) -> torch.Tensor:
     """Where the draft round of each of t positions starts: every position its own round (rounds 1), or rounds of
     `rounds` positions from `offset` (the first, shorter one from 0)."""

@@ -283,7 +283,8 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     copy of the whole target, and sparse fine-tuning (KD from stored logits) gives it the compact head; the
     layer-pruned baseline is cut from the same copy with matched MACs. No dense drafter is evaluated (untrained,
     it would be the target itself). The sparse cell is fine-tuned (in bf16) to draft over the target's KV cache
-    and evaluated so; the layer-pruned baseline, which cannot, keeps its own."""
+    and evaluated so; so is the layer-pruned baseline, a slice of that copy (each kept layer reads the target
+    layer it was cut from: the comparison at equal MACs is made with both drafters over the target's cache)."""
 
     from flows.pipeline import sd2_pipeline
     from sd2.config import PipelineConfig, SweepGrid
@@ -299,12 +300,14 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7-owl", "layer-pruned-0.7"]
     assert all(r["lossless"] for r in rows)
-    assert [r["shared_kv"] for r in rows] == [True, False]
+    assert [r["shared_kv"] for r in rows] == [True, True]
     run = _newest_run(tiny_target, "sparsegpt-unstructured-0.7-owl")
     assert run["params.train.steps"] == "0" and run["params.prune.allocation"] == "owl"
     assert run["params.train.shared_kv"] == "True" and run["params.train.shared_kv_rounds"] == "2"
     assert run["params.eval.prompt_vocab"] == "True" and float(run["metrics.prompt_vocab_rows"]) > 0
-    assert _newest_run(tiny_target, "layer-pruned-0.7")["params.train.shared_kv"] == "False"
+    sliced = _newest_run(tiny_target, "layer-pruned-0.7")
+    assert sliced["params.train.shared_kv"] == "True"
+    assert json.loads((Path(sliced["tags.sd2.model_dir"]) / "config.json").read_text())["sd2_shared_kv"]
     assert run["params.sparse_ft.layer_kd"] == "1.0"
     sparse = Path(run["tags.sd2.model_dir"])
     assert len(json.loads((sparse / "draft_vocab.json").read_text())["draft_ids"]) == 64

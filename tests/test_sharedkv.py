@@ -251,6 +251,11 @@ def test_sd2_train_shared_kv_on_a_layer_slice_keeps_its_map(tmp_path, tiny_model
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg[sharedkv.MARK] is True and cfg[sharedkv.LAYERS] == [1]
+    # the pipeline's layer-pruned baselines read the target's cache only where this holds (a slice of a copy)
+    assert sharedkv.slice_can_read(str(tiny_model_dir), sl)
+    again = tmp_path / "slice-of-slice"
+    layer_prune_to_dir(str(sl), again, keep_layers="0", device="cpu")
+    assert not sharedkv.slice_can_read(str(tiny_model_dir), again)
     (sl / "sd2_layers.json").unlink()  # a slice that does not say where it was cut from: one line, nothing written
     res = train(sl, tmp_path / "d2")
     assert res.exit_code == 2 and "no map of the target layers" in res.output
