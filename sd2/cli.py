@@ -376,8 +376,8 @@ def _print_compare(parent: str | None = None, experiment: str | None = None, fmt
         raise UserError(f"--format {fmt!r}: use table, csv or json")
     df = compare(experiment, parent)
     cols = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
-            "cost_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio", "predicted_speedup",
-            "speedup", "lossless", "run_id"]
+            "cost_ratio", "weight_bytes_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio",
+            "predicted_speedup", "speedup", "lossless", "run_id"]
     view = df[[c for c in cols if c in df.columns]]
     if fmt == "csv":
         typer.echo(view.to_csv(index=False).rstrip())

@@ -70,14 +70,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
     _check_request(prompts, cross, uag, replay_gammas, temperature, draft_threshold, shared_kv, drafter)
     tmacs = metrics.macs_per_token(target, context)["macs_per_token"]
     dmacs = metrics.macs_per_token(drafter, context)["macs_per_token"]
-    fast_path = resolve_fast_path(fast_path, target, drafter)
-    target, drafter = apply_fast_path(fast_path, target, drafter)
-    share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
     prompt_vocab = prompt_vocab and not cross and draft_ids(drafter) is not None
-    spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
-                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,
-                       lookup=lookup, shared_kv=share, prompt_vocab=prompt_vocab)
-    base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     encoded = [(encode_prompt(target_tok, p.text), encode_prompt(drafter_tok, p.text) if cross else None)
                for p in prompts]
     rows = 0.0
@@ -85,6 +78,14 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         every = [e[0] for e in encoded] + [encode_prompt(target_tok, p.text) for p in replay_prompts or []]
         rows = statistics.mean(len(missing_ids(drafter, ids)) for ids in every)
         dmacs += rows * head_source(target).shape[1]
+    fast_path = resolve_fast_path(fast_path, target, drafter)
+    weight_bytes = _weight_bytes(target, drafter, fast_path, rows)  # counted before the path packs the weights
+    target, drafter = apply_fast_path(fast_path, target, drafter)
+    share = shared_kv == "on" or (shared_kv == "auto" and shares_kv(drafter) and not cross)
+    spec = SpecDecoder(target, drafter, gamma=gamma, temperature=temperature, target_tokenizer=target_tok,
+                       drafter_tokenizer=drafter_tok, cross_tokenizer=cross, draft_threshold=draft_threshold,
+                       lookup=lookup, shared_kv=share, prompt_vocab=prompt_vocab)
+    base = SpecDecoder(target, None, temperature=temperature, target_tokenizer=target_tok)
     df, base_res, spec_res = _decode_all(base, spec, prompts, encoded, max_new_tokens, gamma, seed, temperature,
                                          cross, target_tok, drafter_tok, progress)
     per_tok = (df["drafter_tokens"].sum() / max(df["spec_tokens"].sum(), 1)) if cross else 1.0
@@ -100,6 +101,7 @@ def evaluate_pair(target, target_tok, drafter, drafter_tok, prompts: list[Prompt
         "target_tokens_per_s": summary["target_tokens_per_s"], "spec_tokens_per_s": summary["spec_tokens_per_s"],
         "speedup": summary["speedup"], "target_macs_per_token": tmacs, "drafter_macs_per_token": dmacs,
         "cost_ratio": c, "theoretical_speedup": metrics.theoretical_speedup(summary["mal"], gamma, c),
+        **weight_bytes,
         **costs, "predicted_speedup": metrics.predicted_speedup(summary["mal"], gamma, costs["drafter_time_ratio"],
                                                                 costs["verify_cost_ratio"]),
         "lossless": bool(df["lossless"].all()) if temperature == 0 else None,
@@ -351,6 +353,19 @@ def apply_fast_path(fast_path: str, target, drafter):
     if drafter is not target:
         lean.attach(drafter, fp16)
     return target, drafter
+
+
+def _weight_bytes(target, drafter, fast_path: str, head_rows: float) -> dict[str, float]:
+    """Weight bytes per token of each model on the numeric path (fp16 where the path packs fp16 weights), and the
+    drafter's over the target's: what a memory-bound forward costs, beside its MACs (metrics.weight_bytes_per_token)."""
+    def elem(model, fp16: bool) -> int:
+        return 2 if fp16 else next(model.parameters()).element_size()
+
+    t = metrics.weight_bytes_per_token(target, elem(target, fast_path in ("fp16", "lean-fp16")))
+    d = metrics.weight_bytes_per_token(drafter, elem(drafter, fast_path in ("drafter-fp16", "fp16", "lean-fp16")),
+                                       head_rows)
+    return {"target_weight_bytes_per_token": t["dense"], "drafter_weight_bytes_per_token": d["dense"],
+            "drafter_nonzero_bytes_per_token": d["nonzero"], "weight_bytes_ratio": d["dense"] / t["dense"]}
 
 
 def numeric_path(model, fast_path: str = "none") -> str:

@@ -80,6 +80,28 @@ def macs_per_token(model: nn.Module, context: int = 256) -> dict[str, float]:
     }
 
 
+def weight_bytes_per_token(model: nn.Module, elem_bytes: int, extra_head_rows: float = 0.0) -> dict[str, float]:
+    """Bytes of linear weights one forward reads to make a token (lm_head included, as loaded: a compact head is its
+    rows). Why: at batch 1 on a CPU a forward is bound by the bytes it reads, not its MACs. `dense`: what dense
+    kernels read, zeros too; `nonzero`: what a sparse kernel would (each nonzero and a column index: 16-bit where
+    a row is under 65,536 wide, else 32-bit). `extra_head_rows`: rows a prompt adds to a compact head."""
+    dense = nonzero = 0.0
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and id(mod.weight) not in seen:
+            seen.add(id(mod.weight))
+            w = mod.weight.detach()
+            index = 2 if w.shape[1] < 65536 else 4
+            dense += w.numel() * elem_bytes
+            nonzero += int(torch.count_nonzero(w)) * (elem_bytes + index)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if extra_head_rows and head is not None:
+        width = head.weight.shape[1]
+        dense += extra_head_rows * width * elem_bytes
+        nonzero += extra_head_rows * width * (elem_bytes + 2)
+    return {"dense": dense, "nonzero": nonzero}
+
+
 def theoretical_speedup(mal_value: float, gamma: int, cost_ratio: float) -> float:
     """MAL / (γ·c + 1): expected speedup when a drafter step costs c target steps and verification costs one."""
     return mal_value / (gamma * cost_ratio + 1)

@@ -142,7 +142,8 @@ def eval_metrics(res: dict) -> dict[str, float]:
     m = {k: res[k] for k in ("mal", "acceptance_rate", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup",
                              "speedup", "target_tokens_per_s", "spec_tokens_per_s", "verify_cost_ratio",
                              "drafter_time_ratio", "predicted_speedup", "mean_drafted", "lookup_step_share",
-                             "prompt_vocab_rows")
+                             "prompt_vocab_rows", "drafter_weight_bytes_per_token", "drafter_nonzero_bytes_per_token",
+                             "target_weight_bytes_per_token", "weight_bytes_ratio")
          if res.get(k) is not None}
     m["mal_ci95_lo"], m["mal_ci95_hi"] = res["mal_ci95"]
     m["lossless"] = float(bool(res["lossless"])) if res.get("lossless") is not None else None
@@ -235,8 +236,8 @@ def _log_parent_artifacts(parent_id: str, files: list[str | Path], metrics: dict
 
 
 COMPARE_COLUMNS = ["drafter", "mal", "mal_ci95_lo", "mal_ci95_hi", "acceptance_rate", "drafter_macs_per_token",
-                   "cost_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio", "predicted_speedup",
-                   "speedup", "lossless"]
+                   "cost_ratio", "weight_bytes_ratio", "theoretical_speedup", "drafter_time_ratio", "verify_cost_ratio",
+                   "predicted_speedup", "speedup", "lossless"]
 
 
 def compare(experiment: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:

@@ -16,7 +16,8 @@ EVAL_KEYS = {"target", "drafter", "gamma", "temperature", "max_new_tokens", "n_p
              "acceptance_rate", "per_position_acceptance", "target_tokens_per_s", "spec_tokens_per_s", "speedup",
              "target_macs_per_token", "drafter_macs_per_token", "cost_ratio", "theoretical_speedup", "lossless",
              "per_category", "numeric_path", "verify_cost_ratio", "drafter_time_ratio", "predicted_speedup",
-             "target_forward_ms", "shared_kv", "prompt_vocab"}
+             "target_forward_ms", "shared_kv", "prompt_vocab", "target_weight_bytes_per_token",
+             "drafter_weight_bytes_per_token", "drafter_nonzero_bytes_per_token", "weight_bytes_ratio"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,9 @@ def test_eval_writes_contract_json(tiny, tmp_path):
     assert res["verify_cost_ratio"] > 0 and res["drafter_time_ratio"] > 0 and res["target_forward_ms"] > 0
     assert res["predicted_speedup"] == pytest.approx(
         res["mal"] / (3 * res["drafter_time_ratio"] + res["verify_cost_ratio"]))
+    # a perturbed copy: as many weight bytes as the target, all nonzero
+    assert res["weight_bytes_ratio"] == pytest.approx(1.0)
+    assert res["drafter_nonzero_bytes_per_token"] > res["drafter_weight_bytes_per_token"] > 0
     assert (tmp_path / "r.records.csv").exists()
 
 

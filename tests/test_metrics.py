@@ -37,6 +37,21 @@ def test_macs_count_only_nonzeros():
     assert dense["linear_macs"] == dense["dense_linear_macs"]
 
 
+def test_weight_bytes_count_zeros_on_dense_kernels_and_nonzeros_with_an_index_on_sparse_ones():
+    m = make_llama(64, layers=2, hidden=32)
+    weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    before = metrics.weight_bytes_per_token(m, 4)
+    assert before == {"dense": 4 * weights, "nonzero": 6 * weights}  # fp32 + a 16-bit column index each
+    with torch.no_grad():
+        w = m.model.layers[0].mlp.up_proj.weight
+        zeros = w.numel() // 2
+        w.view(-1)[:zeros] = 0
+    after = metrics.weight_bytes_per_token(m, 2, extra_head_rows=3)
+    head = 3 * m.get_output_embeddings().weight.shape[1]
+    assert after["dense"] == 2 * (weights + head)  # fp16, zeros still read
+    assert after["nonzero"] == 4 * (weights - zeros + head)
+
+
 def test_theoretical_speedup():
     assert metrics.theoretical_speedup(5.0, 4, 0.0) == 5.0
     assert metrics.theoretical_speedup(3.0, 4, 0.5) == pytest.approx(1.0)
