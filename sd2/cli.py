@@ -517,7 +517,8 @@ def report_cmd(
     config: list[Path] = typer.Option(..., help="a study's pipeline config (repeatable): its latest finished run "
                                       "in MLflow is reported"),
     out: Path = typer.Option(Path("docs/results.md"), help="markdown file; PNG plots are written beside it"),
-    reading: Optional[Path] = typer.Option(None, help="markdown appended as the reading of the results"),
+    reading: list[Path] = typer.Option([], help="markdown appended after the results, in order (repeatable): the "
+                                       "reading of the results; e.g. an earlier study's tables, kept as they were"),
 ):
     """Tables, plots and the paper's claims checked, generated from the MLflow runs of the study pipelines."""
     import shlex
@@ -527,8 +528,8 @@ def report_cmd(
     _orchestration_env()
     cmd = "sd2 report " + " ".join([*(f"--config {shlex.quote(str(c))}" for c in config),
                                     f"--out {shlex.quote(str(out))}",
-                                    *([f"--reading {shlex.quote(str(reading))}"] if reading else [])])
-    files = write_results([str(c) for c in config], str(out), str(reading) if reading else None, command=cmd)
+                                    *(f"--reading {shlex.quote(str(r))}" for r in reading)])
+    files = write_results([str(c) for c in config], str(out), [str(r) for r in reading], command=cmd)
     for f in files:
         typer.echo(f"wrote {f}")
 

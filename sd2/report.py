@@ -184,8 +184,9 @@ def _minutes(parent: dict) -> str:
     return f"{(end - start).total_seconds() / 60:.0f} min"
 
 
-def write_results(configs: list[str], out: str, reading: str | None = None, command: str = "") -> list:
-    """docs/results.md (and its PNGs beside it) from the latest finished pipeline run of each config in MLflow."""
+def write_results(configs: list[str], out: str, reading: str | list[str] | None = None, command: str = "") -> list:
+    """docs/results.md (and its PNGs beside it) from the latest finished pipeline run of each config in MLflow;
+    `reading`: markdown files appended in order (the reading, an earlier study's tables kept as they were)."""
     from datetime import datetime, timezone
     from pathlib import Path
 
@@ -203,8 +204,10 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
             names.append(PipelineConfig.build(**(yaml.safe_load(Path(c).read_text()) or {})).name)
         except (OSError, yaml.YAMLError) as exc:
             raise UserError(f"--config {c}: {str(exc).splitlines()[0]}") from None
-    if reading and not Path(reading).is_file():
-        raise UserError(f"--reading {reading}: file not found")
+    readings = [reading] if isinstance(reading, str) else list(reading or [])
+    for r in readings:
+        if not Path(r).is_file():
+            raise UserError(f"--reading {r}: file not found")
     studies = [(name, *study_runs(name)) for name in names]
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# SD² at small scale: results", "",
@@ -257,8 +260,8 @@ def write_results(configs: list[str], out: str, reading: str | None = None, comm
         for f in study_plots(kids, out.parent, stem):
             files.append(f)
             lines.append(f"![{f.stem}]({f.name})")
-    if reading:
-        lines += ["", Path(reading).read_text().rstrip()]
+    for r in readings:
+        lines += ["", Path(r).read_text().rstrip()]
     atomic_write_text(out, "\n".join(lines) + "\n")
     return [out, *files]
 

@@ -220,6 +220,8 @@ def test_study_options_baselines_gammas_and_sampling(harness, tiny_target, seed_
     assert "fine-grained sparsity beats layer pruning at equal MACs (sparsegpt-unstructured-0.7 vs " \
            "layer-pruned-0.7)" in text
     assert f"{dense['metrics.mal.g4']:.3f}" in text and f"{dense['metrics.mal.t1']:.3f}" in text
+    assert "| bytes ratio | time ratio | predicted speedup | measured speedup |" in text  # what the CPU feels
+    assert f"| {dense['metrics.weight_bytes_ratio']:.3f} | {dense['metrics.drafter_time_ratio']:.3f} |" in text
     pngs = {f.name for f in files[1:]}
     assert {"results-study-mal_vs_sparsity.png", "results-study-mal_vs_macs.png",
             "results-study-mal_vs_gamma.png"} <= pngs and all((harness / "docs" / n).stat().st_size for n in pngs)
