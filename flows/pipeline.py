@@ -185,8 +185,10 @@ def evaluate_drafters(drafters: list[DrafterSpec], settings: EvalSettings, paren
         parent_run_id = tracking.start_parent(settings.target, "evaluate-drafters", tags=_prefect_tags())
     rows, run_ids = [], []
     nonce = datetime.now(timezone.utc).isoformat() if fresh else ""  # a new key: fresh timings, not a cache hit
+    # replayed: more γ, or the headline γ over the replay prompt set (replay_limit) — greedy, same tokenizer only
     replay = sorted({settings.gamma, *settings.eval_gammas}) if (
-        settings.eval_gammas and settings.eval_gamma_mode == "replay" and not settings.uag) else None
+        (settings.eval_gammas or settings.replay_limit) and settings.eval_gamma_mode == "replay"
+        and not settings.uag) else None
     for d in drafters:  # one at a time: measured speedups must not share the CPU with another evaluation
         def run(gamma: int, temperature: float = 0.0, **kw) -> Path:
             return Path(eval_task(settings.target, d.path, settings.prompts,

@@ -414,7 +414,8 @@ class PipelineConfig(_Base):
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="replay: exact greedy replay (one drafter pass per prompt; same tokenizer only); "
         "engine: a full speculative run per γ (always used for cross-tokenizer drafters)")
-    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: eval_limit)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: eval_limit); set, the "
+                                     "headline MAL at γ is replayed over them too, with or without eval_gammas")
     sampling_temperature: float | None = Field(None, gt=0, description="also one sampling run at this temperature")
     sampling_drafters: list[str] = Field(default_factory=list,
                                          description="drafters (by name) of the sampling run; empty = all")
@@ -583,7 +584,8 @@ class EvalSettings(_Base):
     eval_gammas: list[Gamma] = Field(default_factory=list, description="more γ values, greedy")
     eval_gamma_mode: Literal["replay", "engine"] = Field(
         "replay", description="how eval_gammas are measured: exact greedy replay, or a full run each (UAG: engine)")
-    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: limit)")
+    replay_limit: int | None = Field(None, ge=1, description="prompts for replayed γ (default: limit); set, the "
+                                     "headline MAL at γ is replayed over them too, with or without eval_gammas")
     sampling_temperature: float | None = Field(None, gt=0, description="one more run at this temperature")
     sampling_drafters: list[str] = Field(default_factory=list, description="drafter names for it; empty = all")
 

@@ -298,7 +298,7 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
                                   allocation="owl", owl_lambda=0.05),
                   distill_store_topk=8, train_loss="kd", draft_vocab=64, packing=True, untuned_baseline=False,
                   register_champion=False, layer_kd=1.0, shared_kv=True, shared_kv_rounds=2,
-                  train_dtype="bfloat16", prompt_vocab=True)
+                  train_dtype="bfloat16", prompt_vocab=True, replay_limit=3)
     rows = sd2_pipeline(cfg)
     assert [r["drafter"] for r in rows] == ["sparsegpt-unstructured-0.7-owl", "layer-pruned-0.7"]
     assert all(r["lossless"] for r in rows)
@@ -307,6 +307,7 @@ def test_sparse_recipe_prunes_the_target_depth_drafter_without_dense_training(ha
     assert run["params.train.steps"] == "0" and run["params.prune.allocation"] == "owl"
     assert run["params.train.shared_kv"] == "True" and run["params.train.shared_kv_rounds"] == "2"
     assert run["params.eval.prompt_vocab"] == "True" and float(run["metrics.prompt_vocab_rows"]) > 0
+    assert 1.0 <= run["metrics.mal.g4"] <= 5.0  # replay_limit alone: the headline γ replayed over those prompts
     sliced = _newest_run(tiny_target, "layer-pruned-0.7")
     assert sliced["params.train.shared_kv"] == "True"
     assert json.loads((Path(sliced["tags.sd2.model_dir"]) / "config.json").read_text())["sd2_shared_kv"]
