@@ -177,6 +177,14 @@ def study_plots(kids, out_dir, stem: str) -> list:
     return files
 
 
+def _seeds(parent: dict) -> str:
+    """The seed set a study distilled: its mix when one was given, else the profile's limit on the default seeds."""
+    mix = parent.get("params.seed_prompts")
+    if mix not in (None, "", "None"):
+        return f"the seed mix `{mix}`"
+    return f"{parent.get('params.distill_limit')} seed prompts"
+
+
 def _minutes(parent: dict) -> str:
     start, end = parent.get("start_time"), parent.get("end_time")
     if start is None or end is None:
@@ -239,7 +247,7 @@ def write_results(configs: list[str], out: str, reading: str | list[str] | None 
         lines += ["", f"## {name}", "", f"target `{parent.get('params.target')}`, drafter from "
                   f"`{parent.get('params.drafter_base') or parent.get('params.target')}` "
                   f"(layers {parent.get('params.drafter_layers')}); self-distillation "
-                  f"{parent.get('params.distill_mode')} on {parent.get('params.distill_limit')} seed prompts "
+                  f"{parent.get('params.distill_mode')} on {_seeds(parent)} "
                   f"({parent.get('params.distill_max_new_tokens')} new tokens); dense training "
                   f"{parent.get('params.train_steps')} steps, sparse fine-tuning "
                   f"{parent.get('params.sparse_ft_steps')} "
