@@ -86,14 +86,11 @@ def weight_bytes_per_token(model: nn.Module, elem_bytes: int, extra_head_rows: f
     kernels read, zeros too; `nonzero`: what a sparse kernel would (each nonzero and a column index: 16-bit where
     a row is under 65,536 wide, else 32-bit). `extra_head_rows`: rows a prompt adds to a compact head."""
     dense = nonzero = 0.0
-    seen: set[int] = set()
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear) and id(mod.weight) not in seen:
-            seen.add(id(mod.weight))
-            w = mod.weight.detach()
-            index = 2 if w.shape[1] < 65536 else 4
-            dense += w.numel() * elem_bytes
-            nonzero += int(torch.count_nonzero(w)) * (elem_bytes + index)
+    mods = dict(model.named_modules())
+    for name, (nnz, total) in linear_nonzeros(model).items():
+        index = 2 if mods[name].weight.shape[1] < 65536 else 4
+        dense += total * elem_bytes
+        nonzero += nnz * (elem_bytes + index)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if extra_head_rows and head is not None:
         width = head.weight.shape[1]
