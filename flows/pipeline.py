@@ -22,6 +22,7 @@ from sd2.config import (  # noqa: F401 - SweepGrid re-exported
     resolve_train_dtype,
 )
 from sd2.data import data_dir
+from sd2.distill import survival
 from sd2.report import plot_results
 from sd2.sharedkv import slice_can_read
 from tasks.stages import derive_task, distill_task, eval_task, layer_match_task, prune_task, train_task
@@ -300,6 +301,8 @@ def sd2_pipeline(config: PipelineConfig = PipelineConfig()) -> list[dict]:
     where = dict(device=cfg.device, dtype=cfg.dtype)
     try:
         data = self_distill(cfg.target, seeds, cfg.distill_settings())
+        # what the filter kept (a base model's answers loop often): on the parent run, and in `sd2 report`
+        tracking.log_parent_artifacts(parent, [], {f"distill.{k}": v for k, v in survival(data).items()})
         base_model = cfg.drafter_base or cfg.target
         # a feature drafter is built from the target inside training; other drafters start from a layer slice
         base = cfg.target if cfg.feature_drafter else derive_task(base_model, cfg.derive_settings())

@@ -429,6 +429,18 @@ def _filter(rows: list[dict], n_seeds: int) -> tuple[list[dict], dict]:
     return kept, counts
 
 
+def survival(dataset: str | Path) -> dict[str, float]:
+    """What the filter kept of a finished dataset (its manifest): seeds asked, answers kept, and what was dropped
+    — how much of a base model's greedy output (repetition loops) is usable data."""
+    man = json.loads((Path(dataset) / "sd2_manifest.json").read_text())
+    c = man.get("counts", {})
+    out = {k: float(c.get(k, 0)) for k in ("seed_records", "kept", "degenerate", "empty", "duplicate",
+                                            "truncated_kept")}
+    out["too_long_skipped"] = float(man.get("too_long_skipped", 0))
+    out["generated_tokens"] = float(man.get("generated_tokens", 0))
+    return out
+
+
 def distill(cfg: DistillConfig, progress: bool = True) -> Path:
     """Run (or resume) self-data distillation; returns the finished dataset dir.
 

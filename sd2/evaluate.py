@@ -424,13 +424,12 @@ def measure_costs(target, drafter, drafter_prompt: list[int], prompt: list[int],
     dctx = list(drafter_prompt[-64:]) or [0]
     tc.forward(ctx, keep=1)
     dc.forward(dctx, keep=1)
-    extra = [ctx[-1]] * (gamma + 1)
     times: dict[str, list[float]] = {"t1": [], "tk": [], "d1": []}
 
-    def timed(cache, ids, n_new, key):
+    def timed(cache, ids, n_new, key):  # new tokens from the model's own context (vocabularies may differ: UAG)
         synchronize(cache.model.device)
         t0 = time.perf_counter()
-        cache.forward(ids + extra[:n_new], keep=n_new)
+        cache.forward(ids + [ids[-1]] * n_new, keep=n_new)
         synchronize(cache.model.device)
         times[key].append(time.perf_counter() - t0)
         cache.rollback(len(ids))

@@ -185,6 +185,20 @@ def _seeds(parent: dict) -> str:
     return f"{parent.get('params.distill_limit')} seed prompts"
 
 
+def _survival(parent: dict) -> str:
+    """How much of the target's output the distillation filter kept (logged on the parent run since it was)."""
+    def n(key: str):
+        v = parent.get(f"metrics.distill.{key}")
+        return None if v is None or v != v else int(v)
+
+    kept, seeds = n("kept"), n("seed_records")
+    if kept is None or not seeds:
+        return ""
+    return (f" — {kept} of {seeds} answers kept ({kept / seeds:.0%}; {n('degenerate') or 0} dropped as repetition "
+            f"loops, {n('empty') or 0} empty, {n('duplicate') or 0} duplicates; {n('truncated_kept') or 0} kept "
+            f"cut at the token limit; {n('too_long_skipped') or 0} seeds with over-long prompts skipped)")
+
+
 def _minutes(parent: dict) -> str:
     start, end = parent.get("start_time"), parent.get("end_time")
     if start is None or end is None:
@@ -248,7 +262,7 @@ def write_results(configs: list[str], out: str, reading: str | list[str] | None 
                   f"`{parent.get('params.drafter_base') or parent.get('params.target')}` "
                   f"(layers {parent.get('params.drafter_layers')}); self-distillation "
                   f"{parent.get('params.distill_mode')} on {_seeds(parent)} "
-                  f"({parent.get('params.distill_max_new_tokens')} new tokens); dense training "
+                  f"({parent.get('params.distill_max_new_tokens')} new tokens){_survival(parent)}; dense training "
                   f"{parent.get('params.train_steps')} steps, sparse fine-tuning "
                   f"{parent.get('params.sparse_ft_steps')} "
                   f"steps (batch {parent.get('params.train_batch_size')}, lr {parent.get('params.lr')}); eval on "

@@ -48,12 +48,13 @@ def build_examples(ds, tok, seq_len: int, packing: bool = False, use_ids: bool =
     for row in ds:
         counts["rows"] += 1
         p = encode_prompt(tok, row["prompt"])
+        # an answer cut at the token limit did not end: no EOS after it (the drafter would learn to stop there)
+        ended = not row.get("truncated", False)
         if ids_col:
             r = list(row["response_ids"])
-            ended = not row.get("truncated", False)
-            r += [eos] if ended and eos is not None else []
         else:
-            r = tok.encode(row["response"], add_special_tokens=False) + ([eos] if eos is not None else [])
+            r = tok.encode(row["response"], add_special_tokens=False)
+        r += [eos] if ended and eos is not None else []
         if not packing and len(p) > seq_len // 2:
             p = p[-(seq_len // 2):]
             counts["prompt_truncated"] += 1
@@ -202,9 +203,12 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logi
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on response positions (labels already in the head's index space)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+    """Next-token cross-entropy on response positions (labels already in the head's index space). A batch without
+    any (packed blocks of long prompts; labels all outside a draft vocabulary) gives 0, not NaN, as the KD losses."""
+    sel = labels[:, 1:] != IGNORE
+    if not sel.any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits[:, :-1][sel].float(), labels[:, 1:][sel])
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

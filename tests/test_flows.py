@@ -217,6 +217,9 @@ def test_study_options_baselines_gammas_and_sampling(harness, tiny_target, seed_
     files = write_results([str(cfg_file)], str(harness / "docs" / "results.md"), str(reading), command="sd2 report")
     text = files[0].read_text()
     assert f"sd2 pipeline --config {cfg_file}" in text and text.rstrip().endswith("hand-written words")
+    parent = mlflow.get_run(sft["tags.mlflow.parentRunId"]).data.metrics  # what distillation kept, on the parent
+    assert parent["distill.kept"] >= 1 and parent["distill.seed_records"] >= parent["distill.kept"]
+    assert f" — {parent['distill.kept']:.0f} of {parent['distill.seed_records']:.0f} answers kept (" in text
     assert "fine-grained sparsity beats layer pruning at equal MACs (sparsegpt-unstructured-0.7 vs " \
            "layer-pruned-0.7)" in text
     assert f"{dense['metrics.mal.g4']:.3f}" in text and f"{dense['metrics.mal.t1']:.3f}" in text

@@ -105,6 +105,22 @@ def test_uag_cross_tokenizer_is_lossless(tok300, tok400):
         assert res.target_passes >= 1
 
 
+def test_uag_evaluation_with_a_larger_target_vocabulary_and_a_compact_head(tok300, tok400):
+    """The cross-family study's pair: a target whose vocabulary is larger than the drafter's (Gemma's 262k vs
+    SmolLM2's 49k), a compact draft head, prompt lookup. The cost model times each model on its own tokens."""
+    from sd2 import draftvocab
+    from sd2.data import Prompt
+    from sd2.evaluate import evaluate_pair
+
+    t = make_llama(len(tok400), seed=7, eos=tok400.eos_token_id)
+    d = draftvocab.compact_head(make_llama(len(tok300), seed=8, eos=tok300.eos_token_id), list(range(0, 300, 2)))
+    prompts = [Prompt(id=str(i), category="c", text=txt) for i, txt in enumerate(["the quick brown fox", "zebra"])]
+    res, df = evaluate_pair(t, tok400, d, tok300, prompts, gamma=3, max_new_tokens=16, progress=False,
+                            fast_path="none", uag=True, lookup=2)
+    assert res["lossless"] and len(df) == 2 and (df["drafter_tokens"] > 0).all()
+    assert res["verify_cost_ratio"] > 0 and res["drafter_time_ratio"] > 0
+
+
 def test_uag_with_self_consistent_drafter_accepts(tok300):
     """A cross-tokenizer drafter that is the target (same tokenizer object on both sides) reaches MAL > 1."""
     t = make_llama(len(tok300), seed=7, eos=None)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from sd2.cli import app
 from sd2.config import TrainConfig
 from sd2.models import load_model, save_model
-from sd2.train import SparsityMasks, build_examples, kd_loss, train
+from sd2.train import SparsityMasks, build_examples, kd_loss, sft_loss, train
 from tests.conftest import make_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,12 @@ def test_response_only_labels(tok300):
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["labels"][-1] == tok300.eos_token_id
     (short,), counts = build_examples(ds, tok300, 6)  # a prompt over half of seq_len keeps its last tokens
     assert counts["prompt_truncated"] == 1 and len(short["input_ids"]) == 6 and short["labels"][3:] != [-100] * 3
+    # an answer cut at the token limit gets no EOS, read from ids (same tokenizer) or re-tokenized (another one)
+    cut = [{"prompt": "the quick fox", "response": "jumps", "truncated": True,
+            "response_ids": tok300.encode("jumps", add_special_tokens=False)}]
+    for use_ids in (True, False):
+        (ex,), _ = build_examples(cut, tok300, 64, use_ids=use_ids)
+        assert ex["labels"][-1] != tok300.eos_token_id and ex["input_ids"][n_prompt:] == cut[0]["response_ids"]
 
 
 def test_resume_continues_same_step_count(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -135,6 +141,18 @@ def test_deepspeed_zero2_two_cpu_ranks_keeps_masks(sparse_init, data_dir, tmp_pa
     m1, _ = load_model(str(tmp_path / "ds"))
     m0, _ = load_model(str(sparse_init))
     assert not torch.equal(m0.model.layers[1].self_attn.q_proj.weight, m1.model.layers[1].self_attn.q_proj.weight)
+
+
+def test_sft_loss_is_the_mean_over_response_positions_and_zero_without_any():
+    """A packed block of prompt tokens only (no labels) must not put NaN into the gradients."""
+    logits = torch.randn(2, 7, 50, requires_grad=True)
+    labels = torch.full((2, 7), -100)
+    labels[:, 4:] = 3
+    ref = torch.nn.functional.cross_entropy(logits[:, 3:6].reshape(-1, 50), torch.full((6,), 3))
+    assert sft_loss(logits, labels).item() == pytest.approx(ref.item(), rel=1e-5)
+    none = sft_loss(logits, torch.full((2, 7), -100))
+    none.backward()
+    assert none.item() == 0 and torch.isfinite(logits.grad).all()
 
 
 def test_kd_loss_zero_for_identical_and_trains(tiny_model_dir, data_dir, tmp_path):
