@@ -137,9 +137,10 @@ def drafter_table(kids) -> "pd.DataFrame":
     """One row per drafter: what it is, what it costs, how well it drafts (γ of the study, greedy)."""
     import pandas as pd
 
-    rows = []
+    rows, srcs = [], set()
     for _, r in kids.iterrows():
         m, lo, hi, src = _headline_mal(r)
+        srcs.add(src)
         g = int(float(r.get("params.gamma", 4) or 4))
         sp = r.get("params.prune.sparsity")
         rows.append({
@@ -158,7 +159,9 @@ def drafter_table(kids) -> "pd.DataFrame":
             "measured speedup": round(_m(r, "speedup"), 3),
             "lossless": bool(_m(r, "lossless")) if _m(r, "lossless") is not None else None,
         })
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # without a replay (cross-tokenizer studies) the headline MAL is the engine's: no second column repeating it
+    return df.drop(columns="MAL engine") if srcs == {"engine"} else df
 
 
 def _settings(kids, prefix: str) -> list[str]:

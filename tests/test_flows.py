@@ -257,6 +257,7 @@ def test_engine_gammas_in_the_report(harness, tiny_target, seed_file, eval_file)
     files = write_results([str(f)], str(harness / "docs2" / "results.md"))
     text = files[0].read_text()
     assert "| drafter | MAL γ=2 | theor. γ=2 | measured γ=2 | MAL γ=4 | theor. γ=4 | measured γ=4 |" in text
+    assert "| MAL γ=4 (engine) |" in text and "MAL engine" not in text  # no replay: one MAL column, not two
     assert f"{r['metrics.speedup.g2']:.3f}" in text and f"{r['metrics.speedup']:.3f}" in text
     assert any(x.name.endswith("mal_vs_gamma.png") for x in files)
 
