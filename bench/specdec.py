@@ -14,6 +14,8 @@ drafter, the self-draft = the target itself, any drafter dirs given), on the sam
     .venv/bin/python bench/specdec.py                                   # untuned + self-draft, 3 paths
     .venv/bin/python bench/specdec.py --drafter DIR --paths lean-fp16   # a trained drafter on the default path
     .venv/bin/python bench/specdec.py --drafter DIR --paths lean-fp16 --lookup 2   # + prompt lookup (and HF's)
+    .venv/bin/python bench/specdec.py --target gemma-3-270m --drafter SMOLLM2_DIR --paths fp16-lean-drafter
+        # a drafter with another tokenizer: sd2's UAG against HF's (generate with assistant_tokenizer)
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from sd2.config import DEFAULT_TARGET, LOOKUP_MAX  # noqa: E402
 from sd2.data import encode_prompt, load_prompts  # noqa: E402
 from sd2.evaluate import apply_fast_path, measure_costs  # noqa: E402
 from sd2.fastpath import pack_fp16  # noqa: E402
-from sd2.models import load_model, save_model, sd2_home  # noqa: E402
+from sd2.models import load_model, same_tokenizer, save_model, sd2_home  # noqa: E402
+from sd2.progress import bar as progress_bar  # noqa: E402
 from sd2.prune.layers import keep_layers  # noqa: E402
 from sd2.eagle import is_feature_drafter  # noqa: E402
 from sd2.specdec import DecodeResult, SpecDecoder, hf_assisted_generate  # noqa: E402
@@ -97,56 +100,69 @@ def _pin(model, tok):
     return model
 
 
-def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
-    """Every measurement of one numeric path."""
+def _runs(path: str, t, ds: dict, hf_t, hf_ds: dict, tok, dtoks: dict, args) -> dict:
+    """Every decoder of one path, each a function of (target prompt ids, {drafter: its own prompt ids})."""
+    n = args.max_new_tokens
+
+    def sd2(drafter=None, name=None, **kw):
+        dtok = dtoks.get(name)
+        s = SpecDecoder(t, drafter, gamma=args.gamma, target_tokenizer=tok, drafter_tokenizer=dtok,
+                        cross_tokenizer=dtok is not None, **kw)
+        return lambda ids, dids: s.generate(ids, n, drafter_prompt=dids.get(name))
+
+    def hf(name, **kw):  # HF assisted generation; Universal Assisted Generation when the tokenizers differ
+        both = {"target_tokenizer": tok, "drafter_tokenizer": dtoks[name]} if dtoks.get(name) else {}
+        return lambda ids, dids: hf_assisted_generate(hf_t, hf_ds[name], ids, gamma=args.gamma, max_new_tokens=n,
+                                                      **both, **kw)
+
+    runs = {"hf_greedy": lambda ids, dids: hf_greedy(hf_t, ids, n), "sd2_target_only": sd2()}
+    if args.lookup:  # prompt lookup alone: sd2's against HF's
+        runs["sd2_lookup_only"] = sd2(lookup=args.lookup)
+        runs["hf_prompt_lookup"] = lambda ids, dids: hf_prompt_lookup(hf_t, ids, n, args.gamma, LOOKUP_MAX)
+    for name, d in ds.items():
+        if args.lookup and d is not t:  # the drafter behind prompt lookup (dynamic too when asked)
+            runs[f"sd2_lookup[{name}]"] = sd2(d, name, draft_threshold=args.draft_threshold, lookup=args.lookup)
+        runs[f"sd2_spec[{name}]"] = sd2(d, name)
+        hf_ok = not is_feature_drafter(d)  # HF's assistant API cannot pass the target's features
+        if hf_ok:
+            runs[f"hf_assisted[{name}]"] = hf(name)
+        if args.draft_threshold and d is not t:  # dynamic draft length: sd2's rule vs HF's own
+            runs[f"sd2_dyn[{name}]"] = sd2(d, name, draft_threshold=args.draft_threshold)
+            if hf_ok:
+                runs[f"hf_dyn[{name}]"] = hf(name, confidence_threshold=args.draft_threshold)
+    return runs
+
+
+def bench_path(path: str, target, drafters: dict, tok, dtoks: dict, texts: list[str], args) -> dict:
+    """Every measurement of one numeric path (`dtoks`: a drafter's own tokenizer where it differs: UAG)."""
     t = copy.deepcopy(target)
     ds = {name: (t if d is target else copy.deepcopy(d)) for name, d in drafters.items()}
     macs_t = metrics.macs_per_token(target)["macs_per_token"]
     c = {name: metrics.macs_per_token(d)["macs_per_token"] / macs_t for name, d in drafters.items()}
     # the HF side of the comparison: HF modules with the path's weights
-    hf_t = pack_fp16(copy.deepcopy(target)) if path in ("fp16", "lean-fp16") else copy.deepcopy(target)
-    hf_ds = {name: (hf_t if d is target else (pack_fp16(copy.deepcopy(d)) if path in ("fp16", "lean-fp16")
-                                              else copy.deepcopy(d))) for name, d in drafters.items()}
+    packed = path in ("fp16", "lean-fp16", "fp16-lean-drafter")
+    hf_t = pack_fp16(copy.deepcopy(target)) if packed else copy.deepcopy(target)
+    hf_ds = {name: (hf_t if d is target else (pack_fp16(copy.deepcopy(d)) if packed else copy.deepcopy(d)))
+             for name, d in drafters.items()}
     apply_fast_path(path, t, t)
-    for d in ds.values():
+    for name, d in ds.items():
         if d is not t:
-            apply_fast_path(path, t, d)
-    n = args.max_new_tokens
-    runs = {"hf_greedy": lambda ids: hf_greedy(hf_t, ids, n),
-            "sd2_target_only": lambda ids, s=SpecDecoder(t, target_tokenizer=tok): s.generate(ids, n)}
-    if args.lookup:  # prompt lookup alone: sd2's against HF's
-        runs["sd2_lookup_only"] = (lambda ids, s=SpecDecoder(t, None, gamma=args.gamma, target_tokenizer=tok,
-                                                             lookup=args.lookup): s.generate(ids, n))
-        runs["hf_prompt_lookup"] = lambda ids: hf_prompt_lookup(hf_t, ids, n, args.gamma, LOOKUP_MAX)
-    for name in drafters:
-        if args.lookup and ds[name] is not t:  # the drafter behind prompt lookup (dynamic too when asked)
-            spec = SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok,
-                               draft_threshold=args.draft_threshold, lookup=args.lookup)
-            runs[f"sd2_lookup[{name}]"] = lambda ids, s=spec: s.generate(ids, n)
-        runs[f"sd2_spec[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok):
-                                     s.generate(ids, n))
-        hf_ok = not is_feature_drafter(drafters[name])  # HF's assistant API cannot pass the target's features
-        if hf_ok:
-            runs[f"hf_assisted[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
-                hf_t, d, ids, gamma=args.gamma, max_new_tokens=n))
-        if args.draft_threshold and ds[name] is not t:  # dynamic draft length: sd2's rule vs HF's own
-            runs[f"sd2_dyn[{name}]"] = (lambda ids, s=SpecDecoder(t, ds[name], gamma=args.gamma, target_tokenizer=tok,
-                                                                  draft_threshold=args.draft_threshold):
-                                        s.generate(ids, n))
-            if hf_ok:
-                runs[f"hf_dyn[{name}]"] = (lambda ids, d=hf_ds[name]: hf_assisted_generate(
-                    hf_t, d, ids, gamma=args.gamma, max_new_tokens=n, confidence_threshold=args.draft_threshold))
+            ds[name] = apply_fast_path(path, t, d)[1]
+    prompts = [encode_prompt(tok, x) for x in texts]
+    dprompts = [{name: encode_prompt(dt, x) for name, dt in dtoks.items()} for x in texts]
+    runs = _runs(path, t, ds, hf_t, hf_ds, tok, dtoks, args)
     for fn in runs.values():  # warm-up
-        fn(prompts[0][:32])
+        fn(prompts[0], dprompts[0])
     tps: dict[str, list[float]] = {k: [] for k in runs}
     dec: dict[str, list[float]] = {k: [] for k in runs}  # after the first step (no prefill)
     last: dict[str, list[DecodeResult]] = {}
     for r in range(args.repeats):
         res: dict[str, list[DecodeResult]] = {k: [] for k in runs}
         order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate against drift
-        for ids in prompts:
+        for ids, dids in progress_bar(list(zip(prompts, dprompts)), progress=True, unit="prompt",
+                                      desc=f"{path}, repeat {r + 1} of {args.repeats}"):
             for k in order:
-                res[k].append(runs[k](ids))
+                res[k].append(runs[k](ids, dids))
         for k, rs in res.items():
             tps[k].append(sum(len(x.tokens) for x in rs) / sum(x.seconds for x in rs))
             dec[k].append(sum(len(x.tokens) - x.first_step_tokens for x in rs)
@@ -169,7 +185,7 @@ def bench_path(path: str, target, drafters: dict, tok, prompts, args) -> dict:
                          "sd2_vs_hf": med["sd2_lookup_only"] / med["hf_prompt_lookup"],
                          "lossless": [x.tokens for x in last["sd2_lookup_only"]] == ref}
     for name in drafters:
-        cost = measure_costs(t, ds[name], prompts[0], prompts[0], args.gamma, repeats=9)
+        cost = measure_costs(t, ds[name], dprompts[0].get(name, prompts[0]), prompts[0], args.gamma, repeats=9)
         mal = metrics.mal(last[f"sd2_spec[{name}]"])
         spec = med[f"sd2_spec[{name}]"]
         out["drafters"][name] = {
@@ -276,15 +292,20 @@ def main() -> None:
 
     target, tok = load_model(args.target)
     _pin(target, tok)
-    drafters = {}
+    drafters, dtoks = {}, {}
     for spec in args.drafter or [derived_drafter(args.target)]:
-        drafters[Path(spec).name if not args.drafter else spec] = _pin(load_model(spec)[0], tok)
+        name = Path(spec).name if not args.drafter else spec
+        model, dtok = load_model(spec)
+        drafters[name] = _pin(model, dtok)
+        if not same_tokenizer(tok, dtok):  # another tokenizer: Universal Assisted Generation on both sides
+            dtoks[name] = dtok
     if not args.no_self_draft:
         drafters["self-draft"] = target
-    prompts = [encode_prompt(tok, p.text) for p in load_prompts(None, limit=args.limit)]
-    report = {"target": args.target, "gamma": args.gamma, "threads": args.threads, "prompts": len(prompts),
+    texts = [p.text for p in load_prompts(None, limit=args.limit)]
+    report = {"target": args.target, "gamma": args.gamma, "threads": args.threads, "prompts": len(texts),
               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "torch": torch.__version__,
-              "paths": [bench_path(p, target, drafters, tok, prompts, args) for p in args.paths.split(",")]}
+              "other_tokenizer": sorted(dtoks),
+              "paths": [bench_path(p, target, drafters, tok, dtoks, texts, args) for p in args.paths.split(",")]}
     print(json.dumps(report, indent=2))
     print()
     print(table(report))

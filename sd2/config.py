@@ -18,7 +18,7 @@ DEFAULT_TARGET = "smollm2-135m-instruct"
 LOOKUP_MAX = 4  # the longest context suffix prompt lookup matches (it tries the longest first)
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 METHODS: tuple[str, ...] = get_args(Method)
-FastPath = Literal["auto", "none", "lean", "lean-fp16", "drafter-fp16", "fp16"]
+FastPath = Literal["auto", "none", "lean", "lean-fp16", "drafter-fp16", "fp16", "fp16-lean-drafter"]
 FAST_PATHS: tuple[str, ...] = get_args(FastPath)
 _DEVICE_RE = r"^(auto|cpu|cuda(:\d+)?)$"
 _PATTERN_RE = r"^(unstructured|[1-9]\d*:[1-9]\d*)$"
@@ -129,7 +129,8 @@ class EvalOptions(DecodeConfig, DevicePlacement):
     fast_path: FastPath = Field(
         "auto", description="numeric path: auto (CPU: lean engine with fp16 weights where the models allow it; "
         "GPU: none) | none (HF modules, exact in the dtype) | lean (fused weights, preallocated KV cache) | "
-        "lean-fp16 (each layer one call into sd2's C kernel) | drafter-fp16 | fp16 (HF modules, fp16-weight GEMMs)")
+        "lean-fp16 (each layer one call into sd2's C kernel) | drafter-fp16 | fp16 (HF modules, fp16-weight GEMMs) | "
+        "fp16-lean-drafter (a target the lean engine cannot run on fp16 HF modules, a Llama drafter on lean-fp16)")
     replay_gammas: list[Gamma] | None = Field(
         None, description="also report greedy MAL at these γ by exact replay (same tokenizer, temperature 0)")
     replay_limit: int | None = Field(None, ge=1, description="prompts for the replay (default: the evaluated ones)")

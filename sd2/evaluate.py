@@ -22,7 +22,7 @@ from sd2.eagle import feature_layers, is_feature_drafter
 from sd2.sharedkv import shares_kv
 from sd2.errors import UserError
 from sd2.device import synchronize, torch_threads  # noqa: F401 - torch_threads re-exported for older imports
-from sd2.fastpath import pack_fp16, require_cpu
+from sd2.fastpath import PACKED, pack_fp16, require_cpu
 from sd2.io import atomic_write_text, write_json  # noqa: F401 - re-exported for older imports
 from sd2.models import load_model, model_digest, resolve_spec, same_tokenizer, sd2_home
 from sd2.progress import bar as progress_bar
@@ -305,8 +305,9 @@ def _replay_cache_dir(root: Path | None, fast_path: str) -> Path | None:
     """Target greedy outputs are cached per numeric path of the target (they differ between paths)."""
     if root is None:
         return None
-    name = {"none": "hf", "drafter-fp16": "hf", "fp16": "fp16", "lean": "lean", "lean-fp16": "lean-fp16"}[fast_path]
-    if fast_path in ("fp16", "lean-fp16"):  # the kernel's code decides the numbers: a new kernel, a new cache
+    name = {"none": "hf", "drafter-fp16": "hf", "fp16": "fp16", "fp16-lean-drafter": "fp16", "lean": "lean",
+            "lean-fp16": "lean-fp16"}[fast_path]  # the target's numbers only: fp16-lean-drafter's are fp16's
+    if name in ("fp16", "lean-fp16"):  # the kernel's code decides the numbers: a new kernel, a new cache
         from sd2.fastpath import kernel_version
 
         name += f"-{kernel_version()}"
@@ -325,14 +326,19 @@ def resolve_fast_path(fast_path: str, target, drafter) -> str:
         both_lean = lean.supports(target) and lean.supports(drafter)
         if next(target.parameters()).dtype != torch.float32:  # a dtype the user asked for: keep its numbers
             return "lean" if both_lean else "none"
-        return ("lean-fp16" if fastpath.vectorized() else "lean") if both_lean else (
-            "fp16" if fastpath.vectorized() else "none")
+        if not fastpath.vectorized():
+            return "lean" if both_lean else "none"
+        if both_lean:
+            return "lean-fp16"
+        # a target only the HF modules run (Gemma): its drafter may still be a Llama the engine runs much faster
+        return "fp16-lean-drafter" if drafter is not target and lean.supports(drafter) else "fp16"
     fastpath.require_cpu(fast_path, next(target.parameters()).device)
-    if fast_path.startswith("lean"):
-        for role, m in (("target", target), ("drafter", drafter)):
-            if not lean.supports(m):
-                raise UserError(f"--fast-path {fast_path}: the {role} ({m.config.model_type}) is not a Llama-family "
-                                "model the lean engine runs; use --fast-path fp16 or none")
+    roles = {"lean": ("target", "drafter"), "lean-fp16": ("target", "drafter"),
+             "fp16-lean-drafter": ("drafter",)}.get(fast_path, ())
+    for role, m in (("target", target), ("drafter", drafter)):
+        if role in roles and not lean.supports(m):
+            raise UserError(f"--fast-path {fast_path}: the {role} ({m.config.model_type}) is not a Llama-family "
+                            "model the lean engine runs; use --fast-path fp16 or none")
     return fast_path
 
 
@@ -348,6 +354,11 @@ def apply_fast_path(fast_path: str, target, drafter):
     if fast_path == "fp16":
         pack_fp16(target)
         return target, (drafter if drafter is target else pack_fp16(drafter))
+    if fast_path == "fp16-lean-drafter":  # the target on HF modules, the drafter on the engine: both fp16 weights
+        pack_fp16(target)
+        if drafter is not target:  # the self-draft is the target, on the target's own path
+            lean.attach(drafter, True)
+        return target, drafter
     fp16 = fast_path == "lean-fp16"
     lean.attach(target, fp16)
     if drafter is not target:
@@ -361,8 +372,8 @@ def _weight_bytes(target, drafter, fast_path: str, head_rows: float) -> dict[str
     def elem(model, fp16: bool) -> int:
         return 2 if fp16 else next(model.parameters()).element_size()
 
-    t = metrics.weight_bytes_per_token(target, elem(target, fast_path in ("fp16", "lean-fp16")))
-    d = metrics.weight_bytes_per_token(drafter, elem(drafter, fast_path in ("drafter-fp16", "fp16", "lean-fp16")),
+    t = metrics.weight_bytes_per_token(target, elem(target, fast_path in ("fp16", "lean-fp16", "fp16-lean-drafter")))
+    d = metrics.weight_bytes_per_token(drafter, elem(drafter, fast_path in PACKED),
                                        head_rows)
     return {"target_weight_bytes_per_token": t["dense"], "drafter_weight_bytes_per_token": d["dense"],
             "drafter_nonzero_bytes_per_token": d["nonzero"], "weight_bytes_ratio": d["dense"] / t["dense"]}
@@ -377,6 +388,7 @@ def numeric_path(model, fast_path: str = "none") -> str:
         base += f" on {p.device}"
     return {"none": base, "drafter-fp16": f"{base} target, fp16-weight drafter",
             "fp16": "fp16-weight target and drafter", "lean": f"{base}, lean engine",
+            "fp16-lean-drafter": "fp16-weight target and drafter, drafter on the lean engine (sd2 CPU kernel)",
             "lean-fp16": "fp16 weights, lean engine (sd2 CPU kernel)"}[fast_path]
 
 

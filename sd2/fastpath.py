@@ -32,7 +32,8 @@ from torch import nn
 from sd2.config import FAST_PATHS as PATHS  # noqa: F401 - one list of numeric paths
 from sd2.errors import UserError
 
-PACKED = ("fp16", "drafter-fp16", "lean-fp16")  # the paths that run fp16 weights through sd2's kernel (CPU only)
+# the paths that run fp16 weights through sd2's kernel (CPU only)
+PACKED = ("fp16", "drafter-fp16", "lean-fp16", "fp16-lean-drafter")
 SOURCE = Path(__file__).parent / "kernels" / "cpu.c"
 # -fopenmp: the kernel's threads come from the OpenMP runtime torch has already loaded (same libgomp soname);
 # -ffp-contract=off: only the code's explicit FMAs fuse, so any x86-64 build (AVX-512 or not) gives the same bits

@@ -10,11 +10,12 @@ import torch
 from sd2 import lean
 from sd2.errors import UserError
 from sd2.evaluate import apply_fast_path, numeric_path, resolve_fast_path
+from sd2.fastpath import pack_fp16
 from sd2.specdec import SpecDecoder
 from tests.conftest import make_llama, perturbed
 from tests.test_specdec import _exact_two_token_dist, _tv
 
-PATHS = ["none", "lean", "lean-fp16", "drafter-fp16", "fp16"]
+PATHS = ["none", "lean", "lean-fp16", "drafter-fp16", "fp16", "fp16-lean-drafter"]
 PROMPT = [5, 17, 42, 8, 29, 3]
 
 
@@ -111,16 +112,21 @@ def test_self_draft_on_the_lean_path_accepts_everything():
     assert res.mal == pytest.approx(41 / 9)  # 8 full steps of γ+1 = 5 tokens, then the last one
 
 
-@pytest.mark.parametrize("path", ["lean", "lean-fp16"])
+@pytest.mark.parametrize("path", ["lean", "lean-fp16", "fp16-lean-drafter"])
 def test_sampling_follows_the_target_distribution_on_the_lean_path(path):
     V, T, N = 6, 1.0, 2000
     t = make_llama(V, seed=5, eos=None, hidden=16, std=0.6)
     d = make_llama(V, seed=6, eos=None, hidden=16, std=0.6)
-    # the exact distribution of the path itself: the lean target's own next-token probabilities
+    # the exact distribution of the path itself: the target's own next-token probabilities on it
     tl = copy.deepcopy(t)
-    lean.attach(tl, fp16_weights=path == "lean-fp16")
+    if path == "fp16-lean-drafter":  # the target on fp16-weight HF modules, the drafter on the engine
+        pack_fp16(tl)
+    else:
+        lean.attach(tl, fp16_weights=path == "lean-fp16")
 
     def probs(prefix):
+        if path == "fp16-lean-drafter":
+            return torch.softmax(tl(torch.tensor([prefix])).logits[0, -1].float() / T, -1)
         return torch.softmax(tl.sd2_lean.session().forward(prefix, keep=1)[-1] / T, -1)
 
     exact = {}
@@ -158,6 +164,31 @@ def test_a_path_the_models_cannot_run_is_one_clear_error():
     with pytest.raises(UserError, match=r"--fast-path lean: the drafter \(qwen2\).*use --fast-path fp16 or none"):
         resolve_fast_path("lean", t, q)
     assert resolve_fast_path("auto", t, q) == "fp16"  # auto never picks what cannot run
+    with pytest.raises(UserError, match=r"--fast-path fp16-lean-drafter: the drafter \(qwen2\)"):
+        resolve_fast_path("fp16-lean-drafter", t, q)
+
+
+def _qwen(seed: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)).eval()
+
+
+@pytest.mark.parametrize("gamma", [2, 5])
+def test_a_target_the_engine_cannot_run_still_gets_a_lean_drafter(gamma):
+    """A Gemma-like target (here Qwen2) runs on fp16-weight HF modules; a Llama drafter on the lean engine is
+    several times cheaper than on HF modules, and the target's numbers, so lossless, are the fp16 path's."""
+    t, d = _qwen(1), make_llama(96, seed=3, eos=None, hidden=32)
+    assert resolve_fast_path("auto", t, d) == "fp16-lean-drafter"
+    assert resolve_fast_path("auto", t, t) == "fp16"  # the self-draft is the target: no engine for either
+    ref = SpecDecoder(apply_fast_path("fp16", copy.deepcopy(t), copy.deepcopy(t))[0]).generate(PROMPT, 30)
+    t, d = apply_fast_path("fp16-lean-drafter", t, d)
+    assert getattr(t, "sd2_lean", None) is None and d.sd2_lean is not None
+    assert SpecDecoder(t).generate(PROMPT, 30).tokens == ref.tokens  # the target's numbers are fp16's
+    assert SpecDecoder(t, d, gamma=gamma).generate(PROMPT, 30).tokens == ref.tokens
+    assert numeric_path(t, "fp16-lean-drafter").startswith("fp16-weight target and drafter")
 
 
 def test_auto_prefers_fp32_where_the_kernel_cannot_vectorise(fresh_kernel, monkeypatch):
