@@ -250,3 +250,12 @@ def test_distillation_on_the_fp16_path(tmp_path, tiny_model_dir, seed_file):
         "target", "prompts")}, "fast_path": "fp16"}))
     with pytest.raises(UserError, match="other arguments"):
         distill(DistillConfig(out=tmp_path / "x", **common), progress=False)
+
+
+@pytest.mark.parametrize("path, distill", [("auto", "fp16"), ("fp16-lean-drafter", "fp16"), ("lean", "none"),
+                                           ("none", "none")])
+def test_distillation_generates_on_the_evaluation_paths_target_numbers(path, distill):
+    """A pipeline whose evaluation runs the target with fp16 weights distils with them too (CPU)."""
+    from sd2.config import PipelineConfig
+
+    assert PipelineConfig(fast_path=path).resolved().distill_settings().fast_path == distill
