@@ -35,7 +35,7 @@ from transformers import GenerationConfig  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from sd2 import metrics  # noqa: E402
-from sd2.config import DEFAULT_TARGET, LOOKUP_MAX  # noqa: E402
+from sd2.config import DEFAULT_TARGET, FP16_TARGET_PATHS, LOOKUP_MAX  # noqa: E402
 from sd2.data import encode_prompt, load_prompts  # noqa: E402
 from sd2.evaluate import apply_fast_path, measure_costs  # noqa: E402
 from sd2.fastpath import pack_fp16  # noqa: E402
@@ -140,7 +140,7 @@ def bench_path(path: str, target, drafters: dict, tok, dtoks: dict, texts: list[
     macs_t = metrics.macs_per_token(target)["macs_per_token"]
     c = {name: metrics.macs_per_token(d)["macs_per_token"] / macs_t for name, d in drafters.items()}
     # the HF side of the comparison: HF modules with the path's weights
-    packed = path in ("fp16", "lean-fp16", "fp16-lean-drafter")
+    packed = path in FP16_TARGET_PATHS
     hf_t = pack_fp16(copy.deepcopy(target)) if packed else copy.deepcopy(target)
     hf_ds = {name: (hf_t if d is target else (pack_fp16(copy.deepcopy(d)) if packed else copy.deepcopy(d)))
              for name, d in drafters.items()}

@@ -20,7 +20,7 @@ Method = Literal["sparsegpt", "wanda", "magnitude"]
 METHODS: tuple[str, ...] = get_args(Method)
 FastPath = Literal["auto", "none", "lean", "lean-fp16", "drafter-fp16", "fp16", "fp16-lean-drafter"]
 FAST_PATHS: tuple[str, ...] = get_args(FastPath)
-_FP16_TARGET = ("auto", "lean-fp16", "fp16", "fp16-lean-drafter")  # evaluation paths whose target has fp16 weights
+FP16_TARGET_PATHS = ("lean-fp16", "fp16", "fp16-lean-drafter")  # the numeric paths whose target runs fp16 weights
 _DEVICE_RE = r"^(auto|cpu|cuda(:\d+)?)$"
 _PATTERN_RE = r"^(unstructured|[1-9]\d*:[1-9]\d*)$"
 _LAYERS_RE = r"^\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*$"
@@ -541,8 +541,8 @@ class PipelineConfig(_Base):
                                store_topk=self.distill_store_topk if mode != "reference" else 0,
                                max_prompt_tokens=self.distill_max_prompt_tokens,
                                magpie_openers=self.magpie_openers if mode == "regenerate" else "none",
-                               fast_path="fp16" if self.fast_path in _FP16_TARGET and self.device in ("auto", "cpu")
-                               and mode != "reference" and _cpu_only() else "none")
+                               fast_path="fp16" if self.fast_path in ("auto", *FP16_TARGET_PATHS)
+                               and self.device in ("auto", "cpu") and mode != "reference" and _cpu_only() else "none")
 
     def train_settings(self, steps: int | None = None, loss: str | None = None,
                        shared_kv: bool | None = None) -> "TrainSettings":

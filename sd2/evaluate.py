@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from sd2 import metrics
-from sd2.config import EvalConfig
+from sd2.config import FP16_TARGET_PATHS, EvalConfig
 from sd2.data import Prompt, encode_prompt, load_prompts
 from sd2.draftvocab import draft_ids, head_source, missing_ids, prompt_rows
 from sd2.eagle import feature_layers, is_feature_drafter
@@ -372,7 +372,7 @@ def _weight_bytes(target, drafter, fast_path: str, head_rows: float) -> dict[str
     def elem(model, fp16: bool) -> int:
         return 2 if fp16 else next(model.parameters()).element_size()
 
-    t = metrics.weight_bytes_per_token(target, elem(target, fast_path in ("fp16", "lean-fp16", "fp16-lean-drafter")))
+    t = metrics.weight_bytes_per_token(target, elem(target, fast_path in FP16_TARGET_PATHS))
     d = metrics.weight_bytes_per_token(drafter, elem(drafter, fast_path in PACKED),
                                        head_rows)
     return {"target_weight_bytes_per_token": t["dense"], "drafter_weight_bytes_per_token": d["dense"],
